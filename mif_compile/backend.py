@@ -1,0 +1,102 @@
+"""The ``minference`` torch.compile backend.
+
+``torch.compile(model, backend="minference", options={...})`` finds :func:`minference` through the
+``torch_dynamo_backends`` entry point. It rewrites provable causal-prefill SDPA sites of the Dynamo
+graph into ``torch.ops.mif.sparse_attention`` (see ``passes``), records a report, and hands the
+graph to Inductor. :func:`backend` builds the same compiler function from Python arguments.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .config import BackendConfig, ConfigError, HeadPattern, Pattern
+from .report import CompileReport, _record
+
+__all__ = ["minference", "backend"]
+
+_graph_ids = itertools.count()
+
+
+def _make_call(cfg: BackendConfig):
+    from .ops import encode_heads
+
+    def make_call(graph: torch.fx.Graph, f: dict[str, Any]) -> torch.fx.Node:
+        codes, b0, b1 = encode_heads(f["heads"])
+        return graph.call_function(
+            torch.ops.mif.sparse_attention.default,
+            (f["q"], f["k"], f["v"], f["padding"], f["scale"], codes, b0, b1,
+             cfg.min_seq_len, cfg.last_q, cfg.block_m, cfg.impl),
+        )
+
+    return make_call
+
+
+def _plan_for(cfg: BackendConfig):
+    def plan_for(layer: int | None, num_heads: int, ordinal: int) -> Sequence[HeadPattern] | str:
+        plan = cfg.plan
+        if layer is None:
+            if plan.layers is not None:
+                return "cannot tell the layer index from nn_module_stack, and the plan is per layer"
+            layer = ordinal
+        heads = plan.heads_for(layer, num_heads)  # raises ConfigError naming layer/head/value
+        if all(hp.pattern is Pattern.DENSE for hp in heads):
+            return f"the plan makes every head of layer {layer} dense"
+        return heads
+
+    return plan_for
+
+
+def compile_graph(
+    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], cfg: BackendConfig, *, mode: str | None = None,
+    inductor: bool = True,
+) -> Callable:
+    """Rewrite ``gm`` in place, record a report, then compile with Inductor (or run it as is)."""
+    from . import ops  # noqa: F401  (registers torch.ops.mif.sparse_attention)
+    from .passes import rewrite_sdpa
+
+    result = rewrite_sdpa(gm, _plan_for(cfg), _make_call(cfg))
+    _record(CompileReport(next(_graph_ids), result.sites, result.counters, cfg.min_seq_len, cfg.impl))
+    if not inductor:
+        return gm.forward
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = {}
+    if mode:
+        from torch._inductor import list_mode_options
+
+        patches = list_mode_options(mode)
+    return compile_fx(gm, example_inputs, config_patches=patches or None)
+
+
+def minference(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | None = None,
+               options: dict | None = None, **kwargs: Any) -> Callable:
+    """The ``torch_dynamo_backends`` entry point (``backend="minference"``)."""
+    opts = dict(options or {})
+    opts.update(kwargs)
+    inductor = bool(opts.pop("inductor", True))
+    cfg = BackendConfig.from_options(opts)
+    return compile_graph(gm, example_inputs, cfg, mode=mode, inductor=inductor)
+
+
+def backend(config: Any = None, *, inductor: bool = True, mode: str | None = None, **settings: Any) -> Callable:
+    """A compiler function for ``torch.compile(model, backend=mif_compile.backend(...))``.
+
+    ``config``: a :class:`BackendConfig`, a :class:`ModelPlan`, a path to a plan JSON (ours or
+    MInference's), or None; ``settings``: ``min_seq_len``, ``default_pattern``, ``last_q``,
+    ``block_m``, ``impl``. ``inductor=False`` skips Inductor (the rewritten graph runs eagerly).
+    Bad settings fail here, before anything is traced.
+    """
+    if isinstance(config, BackendConfig):
+        cfg = BackendConfig.from_options({"config": config, **settings})
+    else:
+        cfg = BackendConfig.from_options({"plan": config, **settings} if config is not None else settings)
+
+    def compiler(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable:
+        return compile_graph(gm, example_inputs, cfg, mode=kwargs.get("mode", mode), inductor=inductor)
+
+    compiler.config = cfg  # type: ignore[attr-defined]
+    return compiler

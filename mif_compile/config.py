@@ -1,0 +1,429 @@
+"""Head patterns, per-layer plans and backend settings.
+
+A *plan* says, for every attention layer and every query head, which MInference pattern runs and with
+which budget. Patterns and budgets are chosen offline (see ``mif_compile.search``); positions are
+estimated online per input by the op. Everything here is a frozen dataclass so that a plan can be
+hashed, compared and baked into a compiled graph as constants.
+
+Files: our JSON (``{"format": "mif-compile/v1", "default": ..., "layers": [[head, ...], ...]}``) and
+MInference's per-head JSON (a list with one dict per layer, ``head -> [pattern, v, s, score]``,
+where ``"stream_llm"`` means A-shape with ``(n_init, n_local)``); :func:`load_plan` tells them apart
+by shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from enum import Enum
+from typing import Any, Iterable, Mapping, Sequence
+
+__all__ = [
+    "Pattern",
+    "HeadPattern",
+    "ModelPlan",
+    "BackendConfig",
+    "ConfigError",
+    "load_plan",
+    "save_plan",
+]
+
+FORMAT = "mif-compile/v1"
+
+
+class ConfigError(ValueError):
+    """A plan or setting that cannot be used; the message names the layer, head and value."""
+
+
+class Pattern(str, Enum):
+    A_SHAPE = "a_shape"
+    VERTICAL_SLASH = "vertical_slash"
+    BLOCK_SPARSE = "block_sparse"
+    DENSE = "dense"
+
+    @property
+    def code(self) -> int:
+        """Integer id carried in the custom op's ``patterns`` list."""
+        return _CODES[self]
+
+
+_CODES = {Pattern.DENSE: 0, Pattern.A_SHAPE: 1, Pattern.VERTICAL_SLASH: 2, Pattern.BLOCK_SPARSE: 3}
+PATTERN_FROM_CODE = {code: p for p, code in _CODES.items()}
+
+# Budget names per pattern, in order (MInference's defaults from the paper).
+BUDGET_NAMES: dict[Pattern, tuple[str, ...]] = {
+    Pattern.A_SHAPE: ("n_init", "n_local"),
+    Pattern.VERTICAL_SLASH: ("v", "s"),
+    Pattern.BLOCK_SPARSE: ("top_k",),
+    Pattern.DENSE: (),
+}
+DEFAULT_BUDGETS: dict[Pattern, tuple[int, ...]] = {
+    Pattern.A_SHAPE: (128, 3968),
+    Pattern.VERTICAL_SLASH: (1000, 6096),
+    Pattern.BLOCK_SPARSE: (100,),
+    Pattern.DENSE: (),
+}
+
+_MINFERENCE_NAMES = {
+    "vertical_and_slash": Pattern.VERTICAL_SLASH,
+    "stream_llm": Pattern.A_SHAPE,
+    "block_sparse": Pattern.BLOCK_SPARSE,
+    "dense": Pattern.DENSE,
+}
+
+
+def _where(layer: int | None, head: int | None) -> str:
+    parts = []
+    if layer is not None:
+        parts.append(f"layer {layer}")
+    if head is not None:
+        parts.append(f"head {head}")
+    return (", ".join(parts) + ": ") if parts else ""
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadPattern:
+    """One head's pattern and budget, e.g. ``HeadPattern.vertical_slash(1000, 6096)``.
+
+    ``budget`` holds the pattern's sizes in the order of ``BUDGET_NAMES``: A-shape ``(n_init,
+    n_local)``, vertical-slash ``(v, s)`` (kept columns, kept diagonals), block-sparse ``(top_k,)``
+    (64-token key blocks per 64-token query block), dense ``()``.
+    """
+
+    pattern: Pattern
+    budget: tuple[int, ...] = ()
+    score: float | None = None  # recall measured by the search, informational only
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pattern", _parse_pattern(self.pattern))
+        object.__setattr__(self, "budget", tuple(self.budget))
+        self.validate()
+
+    # -- constructors --------------------------------------------------------------------------
+    @classmethod
+    def a_shape(cls, n_init: int = 128, n_local: int = 3968) -> "HeadPattern":
+        return cls(Pattern.A_SHAPE, (n_init, n_local))
+
+    @classmethod
+    def vertical_slash(cls, v: int = 1000, s: int = 6096) -> "HeadPattern":
+        return cls(Pattern.VERTICAL_SLASH, (v, s))
+
+    @classmethod
+    def block_sparse(cls, top_k: int = 100) -> "HeadPattern":
+        return cls(Pattern.BLOCK_SPARSE, (top_k,))
+
+    @classmethod
+    def dense(cls) -> "HeadPattern":
+        return cls(Pattern.DENSE, ())
+
+    @classmethod
+    def default_for(cls, pattern: Pattern | str) -> "HeadPattern":
+        p = _parse_pattern(pattern)
+        return cls(p, DEFAULT_BUDGETS[p])
+
+    # -- checks and conversion -----------------------------------------------------------------
+    def validate(self, layer: int | None = None, head: int | None = None) -> None:
+        names = BUDGET_NAMES[self.pattern]
+        where = _where(layer, head)
+        if len(self.budget) != len(names):
+            raise ConfigError(
+                f"{where}pattern {self.pattern.value!r} takes {len(names)} budget value(s) "
+                f"{names}, got {list(self.budget)!r}"
+            )
+        for name, value in zip(names, self.budget):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(
+                    f"{where}{self.pattern.value} budget {name} must be an integer, got {value!r}"
+                )
+            if value <= 0:
+                raise ConfigError(
+                    f"{where}{self.pattern.value} budget {name} must be positive, got {value}"
+                )
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"pattern": self.pattern.value}
+        out.update(zip(BUDGET_NAMES[self.pattern], self.budget))
+        if self.score is not None:
+            out["score"] = self.score
+        return out
+
+    @classmethod
+    def from_json(cls, obj: Any, layer: int | None = None, head: int | None = None) -> "HeadPattern":
+        where = _where(layer, head)
+        if isinstance(obj, str):
+            return cls.default_for(_parse_pattern(obj, where))
+        if not isinstance(obj, Mapping) or "pattern" not in obj:
+            raise ConfigError(f"{where}expected a head entry like {{'pattern': 'vertical_slash', 'v': 1000, 's': 6096}}, got {obj!r}")
+        pattern = _parse_pattern(obj["pattern"], where)
+        names = BUDGET_NAMES[pattern]
+        unknown = set(obj) - {"pattern", "score", *names}
+        if unknown:
+            raise ConfigError(f"{where}unknown key(s) {sorted(unknown)} for pattern {pattern.value!r} (takes {names})")
+        budget = tuple(obj.get(n, d) for n, d in zip(names, DEFAULT_BUDGETS[pattern]))
+        try:
+            return cls(pattern, budget, obj.get("score"))
+        except ConfigError as e:
+            raise ConfigError(f"{where}{e}") from None
+
+    def describe(self) -> str:
+        if not self.budget:
+            return self.pattern.value
+        return f"{self.pattern.value}(" + ", ".join(f"{n}={v}" for n, v in zip(BUDGET_NAMES[self.pattern], self.budget)) + ")"
+
+
+def _parse_pattern(value: Any, where: str = "") -> Pattern:
+    if isinstance(value, Pattern):
+        return value
+    if isinstance(value, str):
+        key = value.strip().lower()
+        if key in _MINFERENCE_NAMES:
+            return _MINFERENCE_NAMES[key]
+        try:
+            return Pattern(key)
+        except ValueError:
+            pass
+    known = [p.value for p in Pattern]
+    raise ConfigError(f"{where}unknown pattern {value!r}; known patterns: {known}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelPlan:
+    """Per-layer, per-head patterns. ``layers=None`` means: every head gets ``default``."""
+
+    layers: tuple[tuple[HeadPattern, ...], ...] | None = None
+    default: HeadPattern = dataclasses.field(default_factory=lambda: HeadPattern.vertical_slash())
+
+    def __post_init__(self) -> None:
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(tuple(layer) for layer in self.layers))
+            for i, layer in enumerate(self.layers):
+                for h, hp in enumerate(layer):
+                    if not isinstance(hp, HeadPattern):
+                        raise ConfigError(f"{_where(i, h)}expected a HeadPattern, got {hp!r}")
+                    hp.validate(i, h)
+
+    @classmethod
+    def uniform(cls, pattern: HeadPattern) -> "ModelPlan":
+        return cls(None, pattern)
+
+    @property
+    def num_layers(self) -> int | None:
+        return None if self.layers is None else len(self.layers)
+
+    def heads_for(self, layer: int, num_heads: int) -> tuple[HeadPattern, ...]:
+        """The plan of one layer, checked against the graph's head count."""
+        if self.layers is None:
+            return (self.default,) * num_heads
+        if not 0 <= layer < len(self.layers):
+            raise ConfigError(
+                f"layer {layer}: the plan has {len(self.layers)} layers, but the model has a layer {layer}"
+            )
+        heads = self.layers[layer]
+        if len(heads) != num_heads:
+            raise ConfigError(
+                f"layer {layer}: the plan gives {len(heads)} heads, but the model's attention has {num_heads} query heads"
+            )
+        return heads
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "default": self.default.to_json(),
+            "layers": None if self.layers is None else [[hp.to_json() for hp in layer] for layer in self.layers],
+        }
+
+    def to_minference_json(self) -> list[dict[str, list]]:
+        """MInference's per-head format: one dict per layer, head -> [pattern, v, s, score]."""
+        if self.layers is None:
+            raise ConfigError("a uniform plan has no layers to export; build one with explicit layers")
+        names = {v: k for k, v in _MINFERENCE_NAMES.items()}
+        out = []
+        for layer in self.layers:
+            d = {}
+            for h, hp in enumerate(layer):
+                b = list(hp.budget) + [0] * (2 - len(hp.budget))
+                d[str(h)] = [names[hp.pattern], b[0], b[1], hp.score if hp.score is not None else 0.0]
+            out.append(d)
+        return out
+
+    @classmethod
+    def from_json(cls, obj: Any) -> "ModelPlan":
+        if isinstance(obj, list):
+            return cls._from_minference(obj)
+        if not isinstance(obj, Mapping):
+            raise ConfigError(f"a plan must be a JSON object (ours) or a list (MInference's), got {type(obj).__name__}")
+        fmt = obj.get("format", FORMAT)
+        if fmt != FORMAT:
+            raise ConfigError(f"unknown plan format {fmt!r}; expected {FORMAT!r}")
+        default = HeadPattern.from_json(obj["default"]) if "default" in obj else HeadPattern.vertical_slash()
+        layers_obj = obj.get("layers")
+        if layers_obj is None:
+            return cls(None, default)
+        if not isinstance(layers_obj, list):
+            raise ConfigError(f"'layers' must be a list of layers, got {type(layers_obj).__name__}")
+        layers = []
+        for i, layer in enumerate(layers_obj):
+            if not isinstance(layer, list):
+                raise ConfigError(f"layer {i}: expected a list of heads, got {type(layer).__name__}")
+            layers.append(tuple(HeadPattern.from_json(h, i, j) for j, h in enumerate(layer)))
+        return cls(tuple(layers), default)
+
+    @classmethod
+    def _from_minference(cls, obj: list) -> "ModelPlan":
+        layers = []
+        for i, layer in enumerate(obj):
+            if not isinstance(layer, Mapping):
+                raise ConfigError(f"layer {i}: MInference configs hold one dict per layer, got {type(layer).__name__}")
+            try:
+                idx = sorted(int(k) for k in layer)
+            except ValueError:
+                raise ConfigError(f"layer {i}: head keys must be integers, got {sorted(layer)}") from None
+            if idx != list(range(len(idx))):
+                raise ConfigError(f"layer {i}: heads must be numbered 0..{len(idx) - 1}, got {idx}")
+            heads = []
+            for h in idx:
+                entry = layer[str(h)] if str(h) in layer else layer[h]
+                if not isinstance(entry, (list, tuple)) or len(entry) < 3:
+                    raise ConfigError(f"layer {i}, head {h}: expected [pattern, v, s, score], got {entry!r}")
+                pattern = _parse_pattern(entry[0], _where(i, h))
+                v, s = entry[1], entry[2]
+                budget = {
+                    Pattern.VERTICAL_SLASH: (v, s),
+                    Pattern.A_SHAPE: (v, s),
+                    Pattern.BLOCK_SPARSE: (v,),
+                    Pattern.DENSE: (),
+                }[pattern]
+                if any(isinstance(b, float) and b.is_integer() for b in budget):
+                    budget = tuple(int(b) if isinstance(b, float) and b.is_integer() else b for b in budget)
+                score = float(entry[3]) if len(entry) > 3 and isinstance(entry[3], (int, float)) else None
+                try:
+                    heads.append(HeadPattern(pattern, budget, score))
+                except ConfigError as e:
+                    raise ConfigError(f"{_where(i, h)}{e}") from None
+            layers.append(tuple(heads))
+        return cls(tuple(layers))
+
+    def summary(self) -> str:
+        """One line per layer: pattern counts and budgets."""
+        if self.layers is None:
+            return f"every head: {self.default.describe()}"
+        lines = []
+        for i, layer in enumerate(self.layers):
+            counts: dict[str, int] = {}
+            for hp in layer:
+                counts[hp.describe()] = counts.get(hp.describe(), 0) + 1
+            lines.append(f"layer {i:3d}: " + ", ".join(f"{n} x {d}" for d, n in counts.items()))
+        return "\n".join(lines)
+
+
+def load_plan(path: str | os.PathLike) -> ModelPlan:
+    """Read our JSON or MInference's per-head JSON (told apart by shape)."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read plan file {os.fspath(path)!r}: {e.strerror}") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{os.fspath(path)}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    try:
+        return ModelPlan.from_json(obj)
+    except ConfigError as e:
+        raise ConfigError(f"{os.fspath(path)}: {e}") from None
+
+
+def save_plan(plan: ModelPlan, path: str | os.PathLike, *, minference_format: bool = False) -> None:
+    obj = plan.to_minference_json() if minference_format else plan.to_json()
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendConfig:
+    """Settings of the ``minference`` backend (also accepted as ``options=`` of torch.compile).
+
+    - ``plan``: a :class:`ModelPlan`, a path to a plan JSON, or None (``default_pattern`` everywhere).
+    - ``min_seq_len``: below this prefill length the op runs dense SDPA, the original computation.
+      The default is the measured crossover where sparse starts to win (see README).
+    - ``default_pattern``: the head pattern for layers/heads a plan does not cover.
+    - ``last_q``: queries used by the vertical-slash estimation (MInference: 64).
+    - ``block_m``: query block of the sparse index and kernel (64 or 128).
+    - ``impl``: "auto" (Triton on CUDA, reference elsewhere), "triton" or "reference".
+    """
+
+    plan: ModelPlan = dataclasses.field(default_factory=ModelPlan)
+    min_seq_len: int = 16384
+    default_pattern: HeadPattern | None = None
+    last_q: int = 64
+    block_m: int = 64
+    impl: str = "auto"
+
+    def __post_init__(self) -> None:
+        plan = self.plan
+        if plan is None:
+            plan = ModelPlan()
+        elif isinstance(plan, (str, os.PathLike)):
+            plan = load_plan(plan)
+        elif isinstance(plan, (list, Mapping)):
+            plan = ModelPlan.from_json(plan)
+        elif not isinstance(plan, ModelPlan):
+            raise ConfigError(f"config: expected a ModelPlan, a path or a JSON object, got {type(plan).__name__}")
+        dp = self.default_pattern
+        if dp is not None:
+            if isinstance(dp, (str, Pattern)):
+                dp = HeadPattern.default_for(dp)
+            elif isinstance(dp, Mapping):
+                dp = HeadPattern.from_json(dp)
+            elif not isinstance(dp, HeadPattern):
+                raise ConfigError(f"default_pattern: expected a HeadPattern or a pattern name, got {dp!r}")
+            plan = ModelPlan(plan.layers, dp)
+        object.__setattr__(self, "plan", plan)
+        object.__setattr__(self, "default_pattern", plan.default)
+        for name in ("min_seq_len", "last_q", "block_m"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "min_seq_len" else 1):
+                raise ConfigError(f"{name} must be a {'non-negative' if name == 'min_seq_len' else 'positive'} integer, got {value!r}")
+        if self.block_m not in (64, 128):
+            raise ConfigError(f"block_m must be 64 or 128, got {self.block_m}")
+        if self.impl not in ("auto", "triton", "reference"):
+            raise ConfigError(f"impl must be 'auto', 'triton' or 'reference', got {self.impl!r}")
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None = None, **overrides: Any) -> "BackendConfig":
+        """Build from torch.compile's ``options=`` dict; ``config`` is an alias of ``plan``."""
+        opts = dict(options or {})
+        opts.update(overrides)
+        if "config" in opts:
+            if "plan" in opts:
+                raise ConfigError("give either 'config' or 'plan', not both")
+            cfg = opts.pop("config")
+            if isinstance(cfg, BackendConfig):
+                rest = {k: v for k, v in opts.items()}
+                return dataclasses.replace(cfg, **rest) if rest else cfg
+            opts["plan"] = cfg
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(opts) - fields)
+        if unknown:
+            raise ConfigError(f"unknown option(s) {unknown}; known: {sorted(fields | {'config'})}")
+        return cls(**opts)
+
+
+def clamp_budget(pattern: Pattern, budget: Sequence[int], seq_len: int) -> tuple[int, ...]:
+    """The budget actually used at length ``seq_len`` (MInference's clamps)."""
+    if pattern is Pattern.VERTICAL_SLASH:
+        v, s = budget
+        return (min(seq_len, max(v, 30)), min(seq_len, max(s, 50)))
+    if pattern is Pattern.A_SHAPE:
+        n_init, n_local = budget
+        return (min(seq_len, n_init), min(seq_len, n_local))
+    if pattern is Pattern.BLOCK_SPARSE:
+        return (min(math.ceil(seq_len / 64), budget[0]),)
+    return ()
+
+
+def iter_patterns(heads: Iterable[HeadPattern]) -> set[Pattern]:
+    return {hp.pattern for hp in heads}

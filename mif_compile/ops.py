@@ -1,0 +1,231 @@
+"""The custom op ``torch.ops.mif.sparse_attention`` that the pass puts in place of a causal SDPA.
+
+It is the only place that chooses between dense SDPA (short prompts: the original computation) and
+the sparse path (estimation for all heads at once, one unified index, one sparse-attention call),
+and between the pure-PyTorch reference and the Triton kernels (``impl``; "auto" = Triton on CUDA).
+
+The layer's head plan arrives as three int lists (pattern code, first and second budget per head),
+baked into the graph as constants; the sequence length is read at run time, so a new prompt length
+never recompiles. Per-head tensors derived from the plan are cached per (plan, length, device) so
+that a CUDA-graph replay copies nothing from the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .config import PATTERN_FROM_CODE, HeadPattern, Pattern, clamp_budget
+
+__all__ = ["sparse_attention", "dense_attention", "run_layer", "encode_heads", "BLOCK_N"]
+
+BLOCK_N = 64  # key granularity of every pattern (contract: docs/kernel-contract.md)
+
+
+def encode_heads(heads: Sequence[HeadPattern]) -> tuple[list[int], list[int], list[int]]:
+    """HeadPatterns -> the op's (patterns, budget0, budget1) int lists."""
+    codes, b0, b1 = [], [], []
+    for hp in heads:
+        b = list(hp.budget) + [0, 0]
+        codes.append(hp.pattern.code)
+        b0.append(int(b[0]))
+        b1.append(int(b[1]))
+    return codes, b0, b1
+
+
+def dense_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding: Optional[torch.Tensor], scale: float
+) -> torch.Tensor:
+    """Causal SDPA, the computation the pass replaced (with a (B, L) padding mask if given)."""
+    gqa = q.shape[1] != k.shape[1]
+    if key_padding is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    else:
+        n = q.shape[2]
+        causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+        mask = causal[None, None] & key_padding[:, None, None, :].to(torch.bool)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return out.contiguous()
+
+
+@dataclasses.dataclass(frozen=True)
+class _LayerPlan:
+    """Host-side facts of one layer's plan at one length (cached)."""
+
+    has_vs: bool
+    has_ashape: bool
+    has_bs: bool
+    has_vs_like: bool  # heads that go through build_vs_index (vertical-slash, A-shape, dense)
+    v_count: tuple
+    s_count: tuple
+    n_sink: tuple
+    n_local: tuple  # A-shape heads' local window (0 elsewhere)
+    top_k: tuple
+    cap_s: int
+    cap_v: int
+    cap_bs: int
+
+
+@functools.lru_cache(maxsize=256)
+def _layer_plan(patterns: tuple, b0: tuple, b1: tuple, n: int, block_m: int) -> _LayerPlan:
+    v_count, s_count, n_sink, n_local, top_k, caps = [], [], [], [], [], []
+    n_blocks = math.ceil(n / BLOCK_N)
+    for code, a, b in zip(patterns, b0, b1):
+        p = PATTERN_FROM_CODE[code]
+        vc = sc = sink = loc = tk = 0
+        if p is Pattern.VERTICAL_SLASH:
+            vc, sc = clamp_budget(p, (a, b), n)
+            caps.append(sc * (block_m // BLOCK_N + 1) + 1)
+        elif p is Pattern.A_SHAPE:
+            sink, loc = clamp_budget(p, (a, b), n)
+            caps.append(math.ceil((loc + block_m) / BLOCK_N) + math.ceil(sink / BLOCK_N) + 2)
+        elif p is Pattern.BLOCK_SPARSE:
+            (tk,) = clamp_budget(p, (a,), n)
+        else:
+            sink = n
+            caps.append(n_blocks + 1)
+        v_count.append(vc)
+        s_count.append(sc)
+        n_sink.append(sink)
+        n_local.append(loc)
+        top_k.append(tk)
+    kinds = {PATTERN_FROM_CODE[c] for c in patterns}
+    return _LayerPlan(
+        has_vs=Pattern.VERTICAL_SLASH in kinds,
+        has_ashape=Pattern.A_SHAPE in kinds,
+        has_bs=Pattern.BLOCK_SPARSE in kinds,
+        has_vs_like=bool(kinds - {Pattern.BLOCK_SPARSE}),
+        v_count=tuple(v_count),
+        s_count=tuple(s_count),
+        n_sink=tuple(n_sink),
+        n_local=tuple(n_local),
+        top_k=tuple(top_k),
+        cap_s=max(1, min(max(caps, default=1), n_blocks + 1)),
+        cap_v=max(1, max(v_count)),
+        cap_bs=max(1, min(max(top_k) * (block_m // BLOCK_N), n_blocks)),
+    )
+
+
+_TENSOR_CACHE: dict = {}
+
+
+def _plan_tensors(lp: _LayerPlan, device: torch.device) -> dict[str, torch.Tensor]:
+    key = (lp, str(device))
+    t = _TENSOR_CACHE.get(key)
+    if t is None:
+        if len(_TENSOR_CACHE) > 512:
+            _TENSOR_CACHE.clear()
+        i64 = dict(dtype=torch.int64, device=device)
+        t = {
+            "v_count": torch.tensor(lp.v_count, **i64),
+            "s_count": torch.tensor(lp.s_count, **i64),
+            "n_sink": torch.tensor(lp.n_sink, **i64),
+            "top_k": torch.tensor(lp.top_k, **i64),
+            "is_bs": torch.tensor([tk > 0 for tk in lp.top_k], dtype=torch.bool, device=device),
+        }
+        if lp.has_ashape:
+            width = max(lp.n_local)
+            offs = torch.arange(width, **i64)
+            nl = torch.tensor(lp.n_local, **i64)
+            rows = torch.where(offs[None, :] < nl[:, None], offs[None, :], -1).to(torch.int32)
+            t["ashape_rows"] = rows  # [H, width]: 0..n_local-1 for A-shape heads, -1 elsewhere
+            t["is_ashape"] = nl > 0
+        _TENSOR_CACHE[key] = t
+    return t
+
+
+def _pad_last(x: torch.Tensor, size: int) -> torch.Tensor:
+    if x.shape[-1] >= size:
+        return x
+    return F.pad(x, (0, size - x.shape[-1]), value=-1)
+
+
+def _merge_index(a, b, take_b: torch.Tensor):
+    """Per head: index ``b`` where ``take_b[h]`` else ``a`` (same SparseIndex type)."""
+    sel = take_b[None, :, None]
+    cap_s = max(a.block_offset.shape[-1], b.block_offset.shape[-1])
+    cap_v = max(a.column_index.shape[-1], b.column_index.shape[-1])
+    return type(a)(
+        torch.where(sel, b.block_count, a.block_count),
+        torch.where(sel[..., None], _pad_last(b.block_offset, cap_s), _pad_last(a.block_offset, cap_s)),
+        torch.where(sel, b.column_count, a.column_count),
+        torch.where(sel[..., None], _pad_last(b.column_index, cap_v), _pad_last(a.column_index, cap_v)),
+    )
+
+
+def run_layer(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding: Optional[torch.Tensor],
+    scale: float,
+    patterns: Sequence[int],
+    budget0: Sequence[int],
+    budget1: Sequence[int],
+    min_seq_len: int,
+    last_q: int = 64,
+    block_m: int = 64,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """One attention layer of a causal prefill. q: [B, H, N, D]; k, v: [B, Hkv, N, D] -> [B, H, N, D]."""
+    n = q.shape[2]
+    if n < max(min_seq_len, 2) or all(c == Pattern.DENSE.code for c in patterns):
+        return dense_attention(q, k, v, key_padding, scale)
+    from . import kernels as K
+
+    lp = _layer_plan(tuple(patterns), tuple(budget0), tuple(budget1), n, block_m)
+    t = _plan_tensors(lp, q.device)
+    b, h = q.shape[0], q.shape[1]
+    index = None
+    if lp.has_vs_like:
+        if lp.has_vs:
+            col, diag = K.vertical_slash_scores(q, k, last_q=last_q, scale=scale, key_padding=key_padding, impl=impl)
+            v_idx, s_off = K.vertical_slash_topk(col, diag, t["v_count"], t["s_count"])
+        else:
+            v_idx = torch.full((b, h, 1), -1, dtype=torch.int32, device=q.device)
+            s_off = torch.full((b, h, 1), -1, dtype=torch.int32, device=q.device)
+        if lp.has_ashape:
+            rows = t["ashape_rows"]
+            width = max(s_off.shape[-1], rows.shape[-1])
+            s_off = torch.where(t["is_ashape"][None, :, None], _pad_last(rows, width)[None], _pad_last(s_off, width))
+        index = K.build_vs_index(
+            v_idx, s_off, t["n_sink"], seq_len=n, block_m=block_m, block_n=BLOCK_N,
+            cap_s=lp.cap_s, cap_v=lp.cap_v, impl=impl,
+        )
+    if lp.has_bs:
+        blk = K.block_sparse_topk(q, k, t["top_k"], key_padding=key_padding, impl=impl)
+        bs_index = K.build_bs_index(blk, seq_len=n, block_m=block_m, block_n=BLOCK_N, cap_s=lp.cap_bs, impl=impl)
+        index = bs_index if index is None else _merge_index(index, bs_index, t["is_bs"])
+    out = K.sparse_attention(
+        q, k, v, index, scale=scale, block_m=block_m, block_n=BLOCK_N, key_padding=key_padding, impl=impl
+    )
+    return out.contiguous()
+
+
+@torch.library.custom_op("mif::sparse_attention", mutates_args=())
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding: Optional[torch.Tensor],
+    scale: float,
+    patterns: list[int],
+    budget0: list[int],
+    budget1: list[int],
+    min_seq_len: int,
+    last_q: int,
+    block_m: int,
+    impl: str,
+) -> torch.Tensor:
+    """Causal prefill attention of one layer with a per-head MInference plan (see :func:`run_layer`)."""
+    return run_layer(q, k, v, key_padding, scale, patterns, budget0, budget1, min_seq_len, last_q, block_m, impl)
+
+
+@sparse_attention.register_fake
+def _sparse_attention_fake(q, k, v, key_padding, scale, patterns, budget0, budget1, min_seq_len, last_q, block_m, impl):
+    return q.new_empty(q.shape)  # contiguous, like the real op's output

@@ -1,0 +1,427 @@
+"""Prove that an SDPA ``attn_mask`` is causal, or causal AND key padding, by reading its FX cone.
+
+Transformers materialises the attention mask inside compiled graphs: index vectors from
+``torch.arange``, broadcast with ``None`` indexing, compared (``kv <= q``), and'ed with a lookup of
+the user's ``attention_mask[batch, kv]``. We interpret that cone over an abstract domain instead of
+running it:
+
+- ``AInt``: an integer tensor whose value is a linear form over index variables (one per
+  ``arange``) and graph symbols, e.g. ``kv + 0``; each tensor axis carries one variable or none.
+- ``ABool``: a conjunction of atoms: ``("le", form)`` meaning ``form <= 0``, or ``("pad", node,
+  batch_form, key_form)`` meaning ``node[batch, key]`` (a boolean input of shape (B, L)).
+- ``AConst``: a constant broadcast everywhere (True, False, 0, 1, ...).
+- ``AInput``: an opaque boolean (B, L) tensor from outside the cone.
+
+Every op we do not understand makes the proof fail, with the op named in the reason: the site then
+stays dense. The result is exact for every input, not a check on example values: the forms are
+symbolic in the sequence length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+__all__ = ["MaskProof", "prove_causal_mask"]
+
+Form = tuple  # sorted tuple of (key, coef) pairs; key "1" is the constant term
+
+
+class _Unprovable(Exception):
+    pass
+
+
+def _form(d: dict) -> Form:
+    return tuple(sorted(((k, c) for k, c in d.items() if c != 0), key=lambda kc: repr(kc[0])))
+
+
+def _fdict(f: Form) -> dict:
+    return dict(f)
+
+
+def _fadd(a: Form, b: Form, sign: int = 1) -> Form:
+    d = _fdict(a)
+    for k, c in b:
+        d[k] = d.get(k, 0) + sign * c
+    return _form(d)
+
+
+def _fsubst(f: Form, var: Any, repl: Form) -> Form:
+    d = _fdict(f)
+    c = d.pop(var, 0)
+    out = _form(d)
+    return _fadd(out, tuple((k, c * v) for k, v in repl)) if c else out
+
+
+def _const_form(c: int) -> Form:
+    return _form({"1": c})
+
+
+@dataclasses.dataclass(frozen=True)
+class AInt:
+    axes: tuple  # per axis: a variable key or None (constant along that axis)
+    form: Form
+
+
+@dataclasses.dataclass(frozen=True)
+class ABool:
+    axes: tuple
+    atoms: frozenset
+
+
+@dataclasses.dataclass(frozen=True)
+class AConst:
+    value: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class AInput:
+    node: fx.Node
+    ndim: int
+    is_bool: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskProof:
+    """Outcome: ``kind`` is "causal" or "causal+padding"; ``padding`` the (B, L) bool node."""
+
+    kind: str
+    padding: fx.Node | None
+    nodes: frozenset  # the cone's nodes, candidates for removal once the SDPA is rewritten
+
+
+def _meta(n: Any) -> Any:
+    if isinstance(n, fx.Node):
+        return n.meta.get("example_value", n.meta.get("val"))
+    return n
+
+
+def _same_size(a: Any, b: Any) -> bool:
+    a, b = _meta(a), _meta(b)
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    try:
+        from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+        return bool(statically_known_true(a == b))
+    except Exception:
+        return False
+
+
+class _Interp:
+    def __init__(self) -> None:
+        self.env: dict[fx.Node, Any] = {}
+        self.var_len: dict[Any, Any] = {}
+        self.cone: set[fx.Node] = set()
+        self._ids = itertools.count()
+
+    # -- helpers -------------------------------------------------------------------------------
+    def val(self, a: Any) -> Any:
+        if isinstance(a, fx.Node):
+            if a not in self.env:
+                self.env[a] = self.eval(a)
+            return self.env[a]
+        if isinstance(a, bool):
+            return AConst(a)
+        if isinstance(a, int):
+            return AConst(a)
+        raise _Unprovable(f"constant {a!r} of type {type(a).__name__}")
+
+    def scalar_form(self, a: Any) -> Form:
+        """A Python int or a SymInt node used as an offset."""
+        if isinstance(a, bool):
+            raise _Unprovable("bool offset")
+        if isinstance(a, int):
+            return _const_form(a)
+        if isinstance(a, fx.Node) and isinstance(_meta(a), torch.SymInt):
+            return _form({("sym", a.name): 1})
+        if isinstance(a, fx.Node):
+            v = self.val(a)
+            if isinstance(v, AConst) and isinstance(v.value, int):
+                return _const_form(v.value)
+        raise _Unprovable(f"offset {a!r} is not an integer")
+
+    @staticmethod
+    def ndim(v: Any) -> int:
+        if isinstance(v, (AInt, ABool)):
+            return len(v.axes)
+        if isinstance(v, AInput):
+            return v.ndim
+        return 0
+
+    @staticmethod
+    def broadcast_axes(a: tuple, b: tuple) -> tuple:
+        n = max(len(a), len(b))
+        a = (None,) * (n - len(a)) + a
+        b = (None,) * (n - len(b)) + b
+        out = []
+        for x, y in zip(a, b):
+            if x is not None and y is not None and x != y:
+                raise _Unprovable("two index variables on one axis")
+            out.append(x if x is not None else y)
+        return tuple(out)
+
+    def as_int(self, v: Any) -> AInt:
+        if isinstance(v, AInt):
+            return v
+        if isinstance(v, AConst) and isinstance(v.value, int) and not isinstance(v.value, bool):
+            return AInt((), _const_form(v.value))
+        raise _Unprovable(f"expected an integer index tensor, got {type(v).__name__}")
+
+    def as_bool(self, v: Any) -> ABool:
+        if isinstance(v, ABool):
+            return v
+        if isinstance(v, AConst) and isinstance(v.value, bool):
+            return ABool((), frozenset() if v.value else frozenset({("false",)}))
+        raise _Unprovable(f"expected a boolean tensor, got {type(v).__name__}")
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def eval(self, n: fx.Node) -> Any:
+        self.cone.add(n)
+        if n.op == "placeholder":
+            ev = _meta(n)
+            if isinstance(ev, torch.Tensor):
+                return AInput(n, ev.dim(), ev.dtype == torch.bool)
+            raise _Unprovable(f"graph input {n.name} is not a tensor")
+        if n.op == "call_function":
+            return self.call_function(n)
+        if n.op == "call_method":
+            return self.call_method(n)
+        raise _Unprovable(f"node {n.name} ({n.op})")
+
+    def call_function(self, n: fx.Node) -> Any:
+        t = n.target
+        if t is torch.arange:
+            args = list(n.args)
+            if "end" in n.kwargs:
+                args = [n.kwargs.get("start", 0), n.kwargs["end"]]
+            if n.kwargs.get("step", 1) != 1 or len(args) > 2 or not args:
+                raise _Unprovable("arange with a step")
+            start, end = (0, args[0]) if len(args) == 1 else args
+            key = ("var", next(self._ids))
+            self.var_len[key] = (start, end)
+            return AInt((key,), _fadd(_form({key: 1}), self.scalar_form(start)))
+        if t in (operator.add, operator.sub, torch.add, torch.sub):
+            a, b = self.val(n.args[0]), n.args[1]
+            sign = 1 if t in (operator.add, torch.add) else -1
+            if isinstance(b, fx.Node) and isinstance(_meta(b), torch.Tensor):
+                bv = self.as_int(self.val(b))
+                av = self.as_int(a)
+                return AInt(self.broadcast_axes(av.axes, bv.axes), _fadd(av.form, bv.form, sign))
+            av = self.as_int(a)
+            return AInt(av.axes, _fadd(av.form, self.scalar_form(b), sign))
+        if t in (operator.le, operator.lt, operator.ge, operator.gt, operator.eq, operator.ne,
+                 torch.le, torch.lt, torch.ge, torch.gt, torch.eq, torch.ne):
+            return self.compare(t.__name__.strip("_"), self.val(n.args[0]), self.val(n.args[1]))
+        if t in (operator.and_, torch.logical_and, torch.bitwise_and):
+            a, b = self.as_bool(self.val(n.args[0])), self.as_bool(self.val(n.args[1]))
+            return ABool(self.broadcast_axes(a.axes, b.axes), a.atoms | b.atoms)
+        if t is operator.getitem:
+            return self.getitem(self.val(n.args[0]), n.args[1])
+        if t is torch.diff:
+            return self.diff(n)
+        raise _Unprovable(f"op {getattr(t, '__name__', t)}")
+
+    def call_method(self, n: fx.Node) -> Any:
+        name = n.target
+        x = self.val(n.args[0])
+        if name == "to":
+            dtype = n.kwargs.get("dtype")
+            for a in n.args[1:]:
+                if isinstance(a, torch.dtype):
+                    dtype = a
+            if isinstance(x, AInput):
+                # a (B, L) input moved and/or cast; the node that yields the bool tensor is kept
+                return AInput(n, x.ndim, x.is_bool or dtype == torch.bool)
+            if dtype is None or dtype == torch.bool:
+                return x
+            raise _Unprovable(f"cast to {dtype}")
+        if name == "bool" and isinstance(x, (ABool, AConst)):
+            return x
+        if name == "unsqueeze":
+            dim = n.args[1] if len(n.args) > 1 else n.kwargs["dim"]
+            if not isinstance(x, (AInt, ABool)):
+                return x
+            axes = list(x.axes)
+            dim = dim if dim >= 0 else len(axes) + 1 + dim
+            axes.insert(dim, None)
+            return dataclasses.replace(x, axes=tuple(axes))
+        if name == "expand":
+            sizes = n.args[1:] if not (len(n.args) == 2 and isinstance(n.args[1], (tuple, list))) else n.args[1]
+            if isinstance(x, (AInt, ABool)):
+                pad = len(sizes) - len(x.axes)
+                if pad < 0:
+                    raise _Unprovable("expand to fewer dims")
+                return dataclasses.replace(x, axes=(None,) * pad + tuple(x.axes))
+            return x
+        if name == "new_ones":
+            if n.kwargs.get("dtype") == torch.bool:
+                return AConst(True)
+            raise _Unprovable("new_ones of a non-boolean dtype")
+        if name in ("le", "lt", "ge", "gt", "eq", "ne"):
+            return self.compare(name, x, self.val(n.args[1]))
+        if name == "cumsum":
+            if isinstance(x, AConst) and x.value in (0, False):
+                return AConst(0)
+            raise _Unprovable("cumsum of a non-zero tensor")
+        raise _Unprovable(f"method .{name}()")
+
+    def compare(self, name: str, a: Any, b: Any) -> Any:
+        if isinstance(a, AConst) and isinstance(b, AConst):
+            return AConst(bool(getattr(operator, name)(a.value, b.value)))
+        a, b = self.as_int(a), self.as_int(b)
+        axes = self.broadcast_axes(a.axes, b.axes)
+        diff = _fadd(a.form, b.form, -1)  # a - b
+        if name in ("eq", "ne"):
+            if diff == ():
+                return AConst(name == "eq")
+            if all(k == "1" for k, _ in diff):
+                return AConst(name == "ne")
+            raise _Unprovable(f"{name} between index tensors")
+        atom = {
+            "le": diff,
+            "lt": _fadd(diff, _const_form(1)),
+            "ge": _fadd(b.form, a.form, -1),
+            "gt": _fadd(_fadd(b.form, a.form, -1), _const_form(1)),
+        }[name]
+        return ABool(axes, frozenset({("le", atom)}))
+
+    def getitem(self, x: Any, idx: Any) -> Any:
+        if not isinstance(idx, tuple):
+            idx = (idx,)
+        if any(isinstance(i, fx.Node) for i in idx):
+            return self.advanced_index(x, idx)
+        if isinstance(x, AConst):
+            return x
+        if not isinstance(x, (AInt, ABool)):
+            raise _Unprovable("basic indexing of an opaque tensor")
+        src = list(x.axes)
+        n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
+        out: list = []
+        form = getattr(x, "form", None)
+        pos = 0
+        for i in idx:
+            if i is None:
+                out.append(None)
+            elif i is Ellipsis:
+                take = len(src) - pos - (n_real - sum(1 for j in idx[: idx.index(i)] if j is not None and j is not Ellipsis))
+                out.extend(src[pos : pos + take])
+                pos += take
+            elif isinstance(i, slice):
+                if i == slice(None):
+                    out.append(src[pos])
+                elif i.start in (None, 0) and i.stop == 1 and i.step in (None, 1):
+                    var = src[pos]
+                    if var is not None and isinstance(x, AInt):
+                        form = _fsubst(form, var, _const_form(0))
+                    elif var is not None:
+                        raise _Unprovable("slicing a mask")
+                    out.append(None)
+                else:
+                    raise _Unprovable(f"slice {i}")
+                pos += 1
+            else:
+                raise _Unprovable(f"index {i!r}")
+        out.extend(src[pos:])
+        if isinstance(x, AInt):
+            return AInt(tuple(out), form)
+        return ABool(tuple(out), x.atoms)
+
+    def advanced_index(self, x: Any, idx: tuple) -> Any:
+        if not all(isinstance(i, fx.Node) for i in idx):
+            raise _Unprovable("mixed basic and advanced indexing")
+        ivals = [self.as_int(self.val(i)) for i in idx]
+        axes: tuple = ()
+        for iv in ivals:
+            axes = self.broadcast_axes(axes, iv.axes)
+        if isinstance(x, AConst):
+            return x
+        if isinstance(x, AInput):
+            if x.ndim != 2 or len(ivals) != 2 or not x.is_bool:
+                raise _Unprovable("padding mask lookup that is not bool_mask[batch, key]")
+            return ABool(axes, frozenset({("pad", x.node, ivals[0].form, ivals[1].form)}))
+        if isinstance(x, AInt):
+            if len(ivals) != len(x.axes):
+                raise _Unprovable("partial advanced indexing")
+            form = x.form
+            for var, iv in zip(x.axes, ivals):
+                if var is not None:
+                    form = _fsubst(form, var, iv.form)
+            return AInt(axes, form)
+        raise _Unprovable("advanced indexing of a mask")
+
+    def diff(self, n: fx.Node) -> Any:
+        x = self.as_int(self.val(n.args[0]))
+        dim = n.kwargs.get("dim", -1)
+        if n.kwargs.get("append") is not None or "prepend" not in n.kwargs or n.kwargs.get("n", 1) != 1:
+            raise _Unprovable("diff without a prepend")
+        dim = dim if dim >= 0 else len(x.axes) + dim
+        var = x.axes[dim]
+        if var is None:
+            raise _Unprovable("diff along a constant axis")
+        coef = _fdict(x.form).get(var, 0)
+        p = self.as_int(self.val(n.kwargs["prepend"]))
+        if p.form != _fsubst(x.form, var, _const_form(-1)):
+            raise _Unprovable("diff whose prepend is not the sequence's predecessor")
+        return AConst(coef)
+
+
+def prove_causal_mask(mask: fx.Node, q_len: Any, kv_len: Any, batch: Any) -> MaskProof | str:
+    """Return a :class:`MaskProof`, or a string saying why the mask is not provably causal."""
+    it = _Interp()
+    try:
+        v = it.val(mask)
+    except _Unprovable as e:
+        return f"mask not provably causal: {e}"
+    except RecursionError:
+        return "mask not provably causal: cone too deep"
+    if isinstance(v, AConst):
+        return f"mask is the constant {v.value!r}, not causal"
+    if not isinstance(v, ABool):
+        return "mask is not a boolean function of positions"
+    axes = (None,) * (4 - len(v.axes)) + tuple(v.axes)
+    if len(axes) != 4:
+        return "mask has more than 4 dims"
+    b_var, h_var, q_var, k_var = axes
+    if h_var is not None:
+        return "mask depends on the head"
+    if q_var is None or k_var is None:
+        return "mask does not depend on both query and key positions"
+    for var, length, what in ((q_var, q_len, "query"), (k_var, kv_len, "key")):
+        start, end = it.var_len[var]
+        if start != 0 or not _same_size(end, length):
+            return f"mask's {what} positions are not 0..{what}_len-1"
+    causal = _form({k_var: 1, q_var: -1})
+    les = [a for a in v.atoms if a[0] == "le"]
+    pads = [a for a in v.atoms if a[0] == "pad"]
+    other = [a for a in v.atoms if a[0] not in ("le", "pad")]
+    if other:
+        return "mask is always False"
+    if len(les) != 1 or les[0][1] != causal:
+        return f"mask has position terms other than key <= query: {[a[1] for a in les]}"
+    padding = None
+    if pads:
+        if len(pads) > 1:
+            return "mask has more than one padding lookup"
+        _, node, bform, kform = pads[0]
+        if kform != _form({k_var: 1}):
+            return "padding lookup is not indexed by the key position"
+        if b_var is None:
+            if not _same_size(batch, 1) or bform not in ((), _const_form(0)):
+                return "padding lookup is not indexed by the batch"
+        else:
+            bstart, bend = it.var_len[b_var]
+            if bform != _form({b_var: 1}) or bstart != 0 or not _same_size(bend, batch):
+                return "padding lookup is not indexed by the batch"
+        ev = _meta(node)
+        if ev is None or ev.dim() != 2 or not _same_size(ev.shape[0], batch) or not _same_size(ev.shape[1], kv_len):
+            return "padding mask is not (batch, kv_len)"
+        padding = node
+    elif b_var is not None and any(k == b_var for a in les for k, _ in a[1]):
+        return "mask depends on the batch without a padding lookup"
+    return MaskProof("causal+padding" if padding is not None else "causal", padding, frozenset(it.cone))

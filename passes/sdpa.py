@@ -1,0 +1,269 @@
+"""Find the ``scaled_dot_product_attention`` calls of a Dynamo graph and rewrite causal prefills.
+
+A site is rewritten into ``torch.ops.mif.sparse_attention`` only when it is provably a causal
+prefill: no dropout, q_len == kv_len, and either ``is_causal=True`` without a mask or a mask that
+:func:`passes.mask.prove_causal_mask` proves causal (its cone is then removed, so no L x L tensor is
+built) or causal AND key padding (the op then gets the (B, L) padding mask). Everything else stays
+as it was, with the reason recorded in a :class:`Site`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+import re
+from collections import Counter
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+
+from .mask import MaskProof, prove_causal_mask
+
+__all__ = ["Site", "SdpaRewrite", "rewrite_sdpa", "is_sdpa", "layer_index"]
+
+_SDPA_TARGETS = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
+_LAYER_RE = re.compile(r"(?:^|[._])(?:layers?|h|blocks?)[._](\d+)(?:$|[._])")
+
+
+@dataclasses.dataclass
+class Site:
+    """One SDPA call: where it is, and what the pass did with it."""
+
+    node: str
+    module: str | None
+    layer: int | None
+    rewritten: bool
+    reason: str  # why it was left dense, or the kind of prefill it was proven to be
+    num_heads: int | None = None
+    num_kv_heads: int | None = None
+    patterns: tuple = ()  # HeadPattern per head when rewritten
+
+
+@dataclasses.dataclass
+class SdpaRewrite:
+    sites: list[Site]
+    counters: Counter
+
+    @property
+    def rewritten(self) -> list[Site]:
+        return [s for s in self.sites if s.rewritten]
+
+    @property
+    def dense(self) -> list[Site]:
+        return [s for s in self.sites if not s.rewritten]
+
+
+def is_sdpa(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in _SDPA_TARGETS
+
+
+def _meta(n: Any) -> Any:
+    if isinstance(n, fx.Node):
+        return n.meta.get("example_value", n.meta.get("val"))
+    return n
+
+
+def _static_true(expr: Any) -> bool:
+    if isinstance(expr, bool):
+        return expr
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return bool(statically_known_true(expr))
+
+
+def module_path(node: fx.Node) -> str | None:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = list(stack.values())[-1]
+    path = path[0] if isinstance(path, tuple) else path
+    return re.sub(r"^L\['self'\]\.?", "", str(path)) or None
+
+
+def layer_index(node: fx.Node) -> int | None:
+    """Layer number from ``nn_module_stack`` (e.g. ``model.layers.12.self_attn`` -> 12)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    for value in reversed(list(stack.values())):
+        path = value[0] if isinstance(value, tuple) else value
+        path = re.sub(r"\['([^']*)'\]", r".\1", str(path))  # L['self'].layers['3'] -> .layers.3
+        found = _LAYER_RE.findall(path)
+        if found:
+            return int(found[-1])
+    return None
+
+
+def _sdpa_args(node: fx.Node) -> dict[str, Any]:
+    names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal"]
+    out = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+    out.update(zip(names, node.args))
+    out.update(node.kwargs)
+    return out
+
+
+def _unrepeat_kv(node: fx.Node, num_heads: int) -> fx.Node:
+    """``reshape(expand(x[:, :, None], (B, Hkv, n_rep, L, D)), (B, H, L, D))`` -> x (GQA repeat_kv)."""
+    if not (node.op == "call_method" and node.target == "reshape"):
+        return node
+    exp = node.args[0]
+    if not (isinstance(exp, fx.Node) and exp.op == "call_method" and exp.target == "expand"):
+        return node
+    unsq = exp.args[0]
+    if not (isinstance(unsq, fx.Node) and unsq.op == "call_function" and unsq.target is operator.getitem):
+        return node
+    src, idx = unsq.args
+    full = slice(None, None, None)
+    if idx != (full, full, None, full, full) and idx != (full, full, None):
+        return node
+    src_val, out_val = _meta(src), _meta(node)
+    if not isinstance(src_val, torch.Tensor) or src_val.dim() != 4 or out_val is None:
+        return node
+    hkv = src_val.shape[1]
+    if not isinstance(hkv, int) or num_heads % hkv:
+        return node
+    if not all(_static_true(a == b) for i, (a, b) in enumerate(zip(src_val.shape, out_val.shape)) if i != 1):
+        return node
+    return src
+
+
+def classify(node: fx.Node) -> tuple[str | None, dict[str, Any]]:
+    """Return (reason to stay dense or None, facts about the site)."""
+    a = _sdpa_args(node)
+    facts: dict[str, Any] = {"args": a}
+    q, k, v = _meta(a["query"]), _meta(a["key"]), _meta(a["value"])
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        return "query/key/value shapes unknown", facts
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return f"not 4-D attention (q is {q.dim()}-D)", facts
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    facts.update(B=B, H=H, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D)
+    if not isinstance(H, int) or not isinstance(Hkv, int):
+        return "head count is symbolic", facts
+    if not isinstance(D, int) or v.shape[-1] != D:
+        return "head_dim of value differs from query's, or is symbolic", facts
+    p = a["dropout_p"]
+    if isinstance(p, fx.Node) or p != 0.0:
+        return f"dropout_p={p} (training)", facts
+    if isinstance(Lq, int) and Lq == 1:
+        return "decode (q_len == 1)", facts
+    if not _static_true(Lq == Lk):
+        return "q_len != kv_len (decode with a cache, chunked prefill or cross-attention)", facts
+    if H != Hkv and not (H % Hkv == 0 and a.get("enable_gqa")):
+        return f"{H} query heads with {Hkv} kv heads but enable_gqa is not set", facts
+    if k.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {k.dtype} not supported", facts
+    mask = a["attn_mask"]
+    causal = a["is_causal"]
+    if isinstance(causal, fx.Node):
+        return "is_causal is not a constant", facts
+    if mask is None:
+        if not causal:
+            return "not causal (is_causal=False and no mask)", facts
+        facts["proof"] = MaskProof("causal", None, frozenset())
+        return None, facts
+    if causal:
+        return "both a mask and is_causal=True", facts
+    mv = _meta(mask)
+    if not isinstance(mv, torch.Tensor) or mv.dtype != torch.bool:
+        return f"additive mask (dtype {getattr(mv, 'dtype', None)}) is not proven causal", facts
+    proof = prove_causal_mask(mask, Lq, Lk, B)
+    if isinstance(proof, str):
+        return proof, facts
+    facts["proof"] = proof
+    return None, facts
+
+
+def rewrite_sdpa(
+    gm: fx.GraphModule,
+    plan_for: Callable[[int | None, int, int], Sequence | str],
+    make_call: Callable[[fx.Graph, dict[str, Any]], fx.Node],
+) -> SdpaRewrite:
+    """Rewrite provable causal prefills of ``gm`` in place.
+
+    ``plan_for(layer, num_heads, ordinal)`` returns the layer's head patterns, or a string (the
+    reason to leave it dense). ``make_call(graph, site_facts)`` inserts the op call and returns it.
+    """
+    graph = gm.graph
+    sites: list[Site] = []
+    counters: Counter = Counter()
+    dead: set[fx.Node] = set()
+    ordinal = 0
+    for node in list(graph.nodes):
+        if not is_sdpa(node):
+            continue
+        counters["sdpa_sites"] += 1
+        layer = layer_index(node)
+        mod = module_path(node)
+        reason, facts = classify(node)
+        heads: Sequence | str = ()
+        if reason is None:
+            heads = plan_for(layer, facts["H"], ordinal)
+            if isinstance(heads, str):
+                reason = heads
+        ordinal += 1
+        if reason is not None:
+            counters["left_dense"] += 1
+            sites.append(Site(node.name, mod, layer, False, reason, facts.get("H"), facts.get("Hkv")))
+            continue
+        a, proof = facts["args"], facts["proof"]
+        k_src = _unrepeat_kv(a["key"], facts["H"])
+        v_src = _unrepeat_kv(a["value"], facts["H"])
+        if (k_src is a["key"]) != (v_src is a["value"]):
+            k_src, v_src = a["key"], a["value"]
+        hkv = _meta(k_src).shape[1]
+        scale = a["scale"]
+        if scale is None:
+            scale = 1.0 / math.sqrt(facts["D"])
+        call_facts = dict(
+            q=a["query"], k=k_src, v=v_src, padding=proof.padding, scale=scale, heads=tuple(heads),
+            layer=layer, num_heads=facts["H"], num_kv_heads=hkv,
+        )
+        with graph.inserting_before(node):
+            new = make_call(graph, call_facts)
+        new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")})
+        ev = _meta(node)
+        if ev is not None:
+            new.meta["example_value"] = ev
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        dead.update(proof.nodes)
+        for kv, src in ((a["key"], k_src), (a["value"], v_src)):
+            if kv is not src:
+                dead.add(kv)
+        counters["rewritten"] += 1
+        counters[f"rewritten_{proof.kind}"] += 1
+        if hkv != facts["H"]:
+            counters["gqa_native"] += 1
+        sites.append(Site(node.name, mod, layer, True, proof.kind, facts["H"], hkv, tuple(heads)))
+    _erase_unused(graph, dead)
+    graph.lint()
+    gm.recompile()
+    return SdpaRewrite(sites, counters)
+
+
+def _erase_unused(graph: fx.Graph, candidates: set[fx.Node]) -> None:
+    """Erase candidate nodes (and their now-unused inputs among candidates) that nothing uses."""
+    changed = True
+    alive = {n for n in candidates if n.graph is graph and n.op != "placeholder"}
+    while changed:
+        changed = False
+        for n in list(alive):
+            if not n.users:
+                inputs = [i for i in n.all_input_nodes]
+                graph.erase_node(n)
+                alive.discard(n)
+                for i in inputs:
+                    if i.op != "placeholder" and not i.users and i not in alive and i.op in ("call_function", "call_method") and _is_pure_index_op(i):
+                        alive.add(i)
+                changed = True
+
+
+def _is_pure_index_op(n: fx.Node) -> bool:
+    """Nodes outside the proven cone that only fed it (e.g. the repeat_kv getitem/expand)."""
+    if n.op == "call_method":
+        return n.target in ("expand", "reshape", "unsqueeze", "view", "to")
+    return n.target in (operator.getitem,)
