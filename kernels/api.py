@@ -1,0 +1,177 @@
+"""Public kernel API: validate (outside compilation only), then dispatch to the reference or Triton.
+
+impl = "reference" | "triton" | "auto" ("triton" for CUDA tensors, "reference" otherwise).
+Triton modules are imported lazily here, so importing mif_compile.kernels neither imports triton
+nor initialises CUDA. Block-sparse estimation and build_bs_index have no Triton kernel: their
+torch code is vectorised, free of host syncs, and used for both impls.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import reference as _ref
+from .reference import BLOCK_N, SparseIndex
+
+_IMPLS = ("reference", "triton", "auto")
+_HEAD_DIMS = (16, 32, 64, 128)
+
+
+def _resolve(impl: str, t: torch.Tensor) -> str:
+    if impl not in _IMPLS:
+        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "triton" if t.is_cuda else "reference"
+    if impl == "triton" and not (t.is_cuda or _interpreting()):
+        raise ValueError(f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got device {t.device}")
+    return impl
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def _validating() -> bool:
+    return not torch.compiler.is_compiling()
+
+
+def _check_qk(q, k, v=None, key_padding=None) -> None:
+    _check(q.dim() == 4 and k.dim() == 4, f"q and k must be [B, H, N, D] and [B, Hkv, N, D], got {tuple(q.shape)} and {tuple(k.shape)}")
+    B, H, N, D = q.shape
+    _check(k.shape[0] == B and k.shape[2] == N and k.shape[3] == D,
+           f"k {tuple(k.shape)} does not match q {tuple(q.shape)} (batch, length, head_dim)")
+    _check(k.shape[1] > 0 and H % k.shape[1] == 0, f"query heads {H} not a multiple of kv heads {k.shape[1]}")
+    _check(q.dtype == k.dtype, f"q dtype {q.dtype} != k dtype {k.dtype}")
+    _check(q.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+           f"unsupported dtype {q.dtype}")
+    _check(N >= 1, f"sequence length must be >= 1, got {N}")
+    if v is not None:
+        _check(v.shape == k.shape and v.dtype == k.dtype, f"v {tuple(v.shape)} {v.dtype} != k {tuple(k.shape)} {k.dtype}")
+    if key_padding is not None:
+        _check(key_padding.shape == (B, N) and key_padding.dtype == torch.bool,
+               f"key_padding must be bool [B, N] = [{B}, {N}], got {key_padding.dtype} {tuple(key_padding.shape)}")
+
+
+def _check_triton(q) -> None:
+    _check(q.shape[-1] in _HEAD_DIMS, f"impl='triton' supports head_dim in {_HEAD_DIMS}, got {q.shape[-1]}")
+    _check(q.dtype != torch.float64, "impl='triton' does not support float64; use impl='reference'")
+
+
+def _check_blocks(block_m: int, block_n: int) -> None:
+    _check(block_n == BLOCK_N, f"block_n must be {BLOCK_N}, got {block_n}")
+    _check(block_m in (64, 128), f"block_m must be 64 or 128, got {block_m}")
+
+
+def _per_head(x, H: int, name: str, device) -> torch.Tensor:
+    t = torch.as_tensor(x, device=device)
+    if t.dim() == 0:
+        t = t.expand(H)
+    if _validating():
+        _check(t.shape == (H,), f"{name} must have one entry per head ({H}), got shape {tuple(t.shape)}")
+    return t.to(torch.int64)
+
+
+def vertical_slash_scores(q, k, *, last_q: int, scale: float, key_padding=None, impl: str = "auto"):
+    """fp32 (col, diag) [B, H, N]: column / diagonal sums of the last queries' softmax."""
+    if _validating():
+        _check_qk(q, k, key_padding=key_padding)
+        _check(last_q >= 1, f"last_q must be >= 1, got {last_q}")
+    if _resolve(impl, q) == "triton":
+        if _validating():
+            _check_triton(q)
+            _check(min(last_q, q.shape[2]) <= 128, f"impl='triton' supports last_q <= 128, got {last_q}")
+        from .estimate import vertical_slash_scores as fn
+
+        return fn(q, k, last_q=last_q, scale=scale, key_padding=key_padding)
+    return _ref.vertical_slash_scores(q, k, last_q=last_q, scale=scale, key_padding=key_padding)
+
+
+def vertical_slash_topk(col, diag, v_count, s_count, *, n_force_v: int = 30, n_force_s: int = 100):
+    """int32 (v_idx [B, H, Vmax], s_off [B, H, Smax]); -1 = unused. Pure torch."""
+    H = col.shape[1]
+    v_count = _per_head(v_count, H, "v_count", col.device)
+    s_count = _per_head(s_count, H, "s_count", col.device)
+    if _validating():
+        _check(col.shape == diag.shape and col.dim() == 3, f"col {tuple(col.shape)} and diag {tuple(diag.shape)} must be [B, H, N]")
+        _check(bool((v_count > 0).all()) and bool((s_count > 0).all()), "v_count and s_count must be positive")
+    return _ref.vertical_slash_topk(col, diag, v_count, s_count, n_force_v=n_force_v, n_force_s=n_force_s)
+
+
+def block_sparse_topk(q, k, top_k, *, key_padding=None, impl: str = "auto"):
+    """int32 [B, H, NB, Kmax] top-k 64-token key blocks per 64-query block; -1 = unused."""
+    top_k = _per_head(top_k, q.shape[1], "top_k", q.device)
+    if _validating():
+        _check_qk(q, k, key_padding=key_padding)
+        _check(bool((top_k > 0).all()), "top_k must be positive")
+    _resolve(impl, q)
+    return _ref.block_sparse_topk(q, k, top_k, key_padding=key_padding)
+
+
+def build_vs_index(v_idx, s_off, n_sink, *, seq_len: int, block_m: int, block_n: int = BLOCK_N,
+                   cap_s: int, cap_v: int, impl: str = "auto") -> SparseIndex:
+    """Unified index for vertical_slash (n_sink 0), a_shape and dense (n_sink N) heads."""
+    H = s_off.shape[1]
+    n_sink = _per_head(n_sink, H, "n_sink", s_off.device)
+    if _validating():
+        _check_blocks(block_m, block_n)
+        _check(v_idx.dim() == 3 and s_off.dim() == 3 and v_idx.shape[:2] == s_off.shape[:2],
+               f"v_idx {tuple(v_idx.shape)} and s_off {tuple(s_off.shape)} must be [B, H, *]")
+        _check(cap_s >= 1 and cap_v >= 1, f"cap_s and cap_v must be >= 1, got {cap_s}, {cap_v}")
+        _check(seq_len >= 1, f"seq_len must be >= 1, got {seq_len}")
+    if _resolve(impl, s_off) == "triton":
+        from .index import build_vs_index as fn
+
+        return SparseIndex(*fn(v_idx, s_off, n_sink, seq_len=seq_len, block_m=block_m, block_n=block_n,
+                               cap_s=cap_s, cap_v=cap_v))
+    return _ref.build_vs_index(v_idx, s_off, n_sink, seq_len=seq_len, block_m=block_m, block_n=block_n,
+                               cap_s=cap_s, cap_v=cap_v)
+
+
+def build_bs_index(blk, *, seq_len: int, block_m: int, block_n: int = BLOCK_N, cap_s: int,
+                   impl: str = "auto") -> SparseIndex:
+    """Unified index from 64-token key blocks (union over the 64-row sub-blocks)."""
+    if _validating():
+        _check_blocks(block_m, block_n)
+        _check(blk.dim() == 4 and blk.shape[2] == math.ceil(seq_len / BLOCK_N),
+               f"blk must be [B, H, ceil(N/64), K] for N = {seq_len}, got {tuple(blk.shape)}")
+        _check(cap_s >= 1, f"cap_s must be >= 1, got {cap_s}")
+    _resolve(impl, blk)
+    return _ref.build_bs_index(blk, seq_len=seq_len, block_m=block_m, block_n=block_n, cap_s=cap_s)
+
+
+def sparse_attention(q, k, v, index: SparseIndex, *, scale: float, block_m: int, block_n: int = BLOCK_N,
+                     key_padding=None, impl: str = "auto"):
+    """out [B, H, N, D] (dtype of q): causal attention over the keys kept by the index."""
+    if _validating():
+        _check_qk(q, k, v, key_padding)
+        _check_blocks(block_m, block_n)
+        B, H, N, _ = q.shape
+        NM = math.ceil(N / block_m)
+        bc, bo, cc, ci = index
+        _check(bc.shape == (B, H, NM) and cc.shape == (B, H, NM),
+               f"index counts must be [B, H, NM] = {(B, H, NM)} for block_m {block_m}, got {tuple(bc.shape)}, {tuple(cc.shape)}")
+        _check(bo.shape[:3] == (B, H, NM) and ci.shape[:3] == (B, H, NM),
+               f"index offsets must be [B, H, NM, cap] with NM = {NM}, got {tuple(bo.shape)}, {tuple(ci.shape)}")
+        _check(all(t.dtype == torch.int32 for t in index), "index tensors must be int32")
+    if _resolve(impl, q) == "triton":
+        if _validating():
+            _check_triton(q)
+        from .attention import sparse_attention as fn
+
+        return fn(q, k, v, index, scale=scale, block_m=block_m, block_n=block_n, key_padding=key_padding)
+    return _ref.sparse_attention(q, k, v, index, scale=scale, block_m=block_m, block_n=block_n,
+                                 key_padding=key_padding)
+
+
+def max_blocks_per_row(seq_len: int, block_n: int = BLOCK_N) -> int:
+    """A cap_s that always suffices: blocks are disjoint and start below N."""
+    return math.ceil(seq_len / block_n)

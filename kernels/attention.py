@@ -1,0 +1,156 @@
+"""Triton sparse attention over the unified index (contract section 4).
+
+One launch for every (query block, batch * head). Each program loads its BLOCK_M queries once
+and runs an exp2 online softmax (scale folded into the exponent) over three loops:
+  1. key blocks that lie entirely at or left of the first query row: no masks at all;
+  2. the last BLOCK_M // BLOCK_N + 1 blocks, the only ones that can reach past m0 (blocks are
+     disjoint and ascending): causal mask and bounds mask;
+  3. single columns, gathered BLOCK_N at a time (all < m0, so no causal mask).
+GQA is native: head h reads kv head h // (H // Hkv). Query blocks are launched longest first.
+Caveat: blocks are not 64-aligned (slash runs start anywhere), so K/V tiles are plain pointer
+loads, not TMA descriptors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _online_update(acc, l_i, m_i, qk, v):
+    # qk: [BM, BN] already in the log2 domain, -inf where masked; a row may be fully masked
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(qk - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _sparse_attn_kernel(
+    Q, K, V, Out, BC, BO, CC, CI, PAD,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    qk_scale, N, H, NM,
+    GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, CAP_S: tl.constexpr, CAP_V: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, HAS_PADDING: tl.constexpr,
+):
+    m = NM - 1 - tl.program_id(0)  # longest rows first
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)  # 64-bit bases: q alone has > 2**31 elements at 1M tokens
+    h = (bh % H).to(tl.int64)
+    hk = h // GROUPS
+    m0 = m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
+    if EVEN_M:
+        q = tl.load(q_ptrs)
+    else:
+        q = tl.load(q_ptrs, mask=offs_m[:, None] < N, other=0.0)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    pad_base = PAD + b * N
+
+    row = bh * NM + m
+    n_blk = tl.load(BC + row)
+    n_col = tl.load(CC + row)
+    bo_ptr = BO + row.to(tl.int64) * CAP_S
+    ci_ptr = CI + row.to(tl.int64) * CAP_V
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    n_full = tl.maximum(n_blk - (BLOCK_M // BLOCK_N + 1), 0)
+    # 1. off-band blocks: every key < N and <= every query of the block
+    for i in range(0, n_full):
+        start = tl.load(bo_ptr + i)
+        cols = start + offs_n
+        k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None])
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :])
+        qk = tl.dot(q, k) * qk_scale
+        if HAS_PADDING:
+            real = tl.load(pad_base + cols)
+            qk = tl.where(real[None, :] != 0, qk, float("-inf"))
+        acc, l_i, m_i = _online_update(acc, l_i, m_i, qk, v)
+    # 2. blocks that may reach past m0 or past N: causal + bounds masks
+    for i in range(n_full, n_blk):
+        start = tl.load(bo_ptr + i)
+        cols = start + offs_n
+        in_n = cols < N
+        k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=in_n[None, :], other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=in_n[:, None], other=0.0)
+        qk = tl.dot(q, k) * qk_scale
+        ok = (cols[None, :] <= offs_m[:, None]) & in_n[None, :]
+        if HAS_PADDING:
+            real = tl.load(pad_base + cols, mask=in_n, other=0)
+            ok = ok & (real[None, :] != 0)
+        qk = tl.where(ok, qk, float("-inf"))
+        acc, l_i, m_i = _online_update(acc, l_i, m_i, qk, v)
+    # 3. single columns, BLOCK_N at a time; all lie left of m0
+    for c0 in range(0, n_col, BLOCK_N):
+        live = (c0 + offs_n) < n_col
+        cols = tl.load(ci_ptr + c0 + offs_n, mask=live, other=0)
+        k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=live[None, :], other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=live[:, None], other=0.0)
+        qk = tl.dot(q, k) * qk_scale
+        ok = live
+        if HAS_PADDING:
+            ok = ok & (tl.load(pad_base + cols, mask=live, other=0) != 0)
+        qk = tl.where(ok[None, :], qk, float("-inf"))
+        acc, l_i, m_i = _online_update(acc, l_i, m_i, qk, v)
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
+    if EVEN_M:
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty))
+    else:
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=offs_m[:, None] < N)
+
+
+def default_config(block_m: int, head_dim: int) -> tuple[int, int]:
+    """(num_warps, num_stages) for Hopper; the interpreter ignores both."""
+    if block_m == 128:
+        return (8, 3) if head_dim >= 64 else (4, 3)
+    return 4, 3
+
+
+def sparse_attention(q, k, v, index, *, scale, block_m, block_n=64, key_padding=None,
+                     num_warps=None, num_stages=None):
+    """Launcher; inputs are validated by mif_compile.kernels.api. Returns out [B, H, N, D]."""
+    B, H, N, D = q.shape
+    groups = H // k.shape[1]
+    NM = math.ceil(N / block_m)
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    bc, bo, cc, ci = (t.contiguous() for t in index)
+    out = torch.empty(B, H, N, D, dtype=q.dtype, device=q.device)
+    pad = key_padding.to(torch.int8).contiguous() if key_padding is not None else bc
+    w, s = default_config(block_m, D)
+    grid = (NM, B * H)
+    _sparse_attn_kernel[grid](
+        q, k, v, out, bc, bo, cc, ci, pad,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        scale * _LOG2E, N, H, NM,
+        GROUPS=groups, HEAD_DIM=D, CAP_S=bo.shape[-1], CAP_V=ci.shape[-1],
+        BLOCK_M=block_m, BLOCK_N=block_n, EVEN_M=(N % block_m == 0), HAS_PADDING=key_padding is not None,
+        num_warps=num_warps or w, num_stages=num_stages or s,
+    )
+    return out

@@ -1,0 +1,67 @@
+"""Naive, loop-based oracles written straight from docs/kernel-contract.md (small shapes only)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def naive_vs_rows(v_idx, s_off, n_sink, *, seq_len, block_m, block_n=64):
+    """For each (b, h, m): (list of block starts, list of columns), by the contract's words."""
+    B, H, _ = s_off.shape
+    NM = math.ceil(seq_len / block_m)
+    out = {}
+    for b in range(B):
+        for h in range(H):
+            offs = [int(o) for o in s_off[b, h] if o >= 0]
+            verts = sorted({int(c) for c in v_idx[b, h] if c >= 0})
+            sink = int(n_sink[h])
+            for m in range(NM):
+                m0 = m * block_m
+                wins = []
+                for o in offs:
+                    a, e = max(m0 - o, 0), m0 + block_m - o
+                    if e > a:
+                        wins.append((a, e))
+                if sink > 0:
+                    wins.append((0, sink))
+                wins.sort()
+                runs = []
+                for a, e in wins:
+                    if runs and a < runs[-1][1] + block_n:
+                        runs[-1][1] = max(runs[-1][1], e)
+                    else:
+                        runs.append([a, e])
+                blocks = []
+                for a, e in runs:
+                    s = a
+                    while s < min(e, m0 + block_m, seq_len):
+                        blocks.append(s)
+                        s += block_n
+                cols = [c for c in verts if c < m0 and not any(s <= c < s + block_n for s in blocks)]
+                out[b, h, m] = (blocks, cols)
+    return out
+
+
+def naive_scores(q, k, *, last_q, scale, key_padding=None):
+    """(col, diag) float64 by explicit loops over rows."""
+    B, H, N, _ = q.shape
+    g = H // k.shape[1]
+    ql = min(last_q, N)
+    col = torch.zeros(B, H, N, dtype=torch.float64)
+    diag = torch.zeros(B, H, N, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            for row in range(N - ql, N):
+                s = (k[b, h // g].double() @ q[b, h, row].double()) * scale
+                ok = torch.arange(N) <= row
+                if key_padding is not None:
+                    ok &= key_padding[b]
+                if not ok.any():
+                    continue
+                p = torch.softmax(s.masked_fill(~ok, float("-inf")), 0)
+                col[b, h] += p
+                for o in range(row + 1):
+                    diag[b, h, o] += p[row - o]
+    return col, diag
