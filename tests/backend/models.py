@@ -1,0 +1,67 @@
+"""Tiny random-weight Hugging Face models and an eager reference attention for backend tests.
+
+``use_reference_attention(model, plan)`` swaps the model's attention for one that calls the same
+run-time function as the custom op (``mif_compile.ops.run_layer``) eagerly, outside torch.compile:
+it is the oracle the compiled model must reproduce.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from mif_compile.config import BackendConfig
+from mif_compile.ops import encode_heads, run_layer
+
+_COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+
+
+def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(**{**_COMMON, **overrides})
+    cfg._attn_implementation = "sdpa"
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_qwen2(seed: int = 0, **overrides) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(**{**_COMMON, "num_attention_heads": 4, "num_key_value_heads": 1, **overrides})
+    cfg._attn_implementation = "sdpa"
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+MODELS = {"llama": tiny_llama, "qwen2": tiny_qwen2}
+
+_CURRENT: dict = {}
+
+
+def _reference_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    cfg: BackendConfig = _CURRENT["cfg"]
+    heads = cfg.plan.heads_for(module.layer_idx, query.shape[1])
+    codes, b0, b1 = encode_heads(heads)
+    padding = None
+    if attention_mask is not None:
+        assert attention_mask.dtype == torch.bool
+        padding = attention_mask[:, 0, -1, :].clone()  # the last query row sees every real key
+    if query.shape[2] != key.shape[2]:  # decode: dense with the given mask, as the model would
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    out = run_layer(query, key, value, padding, scaling, codes, b0, b1, cfg.min_seq_len, cfg.last_q, cfg.block_m, "reference")
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("mif_reference", _reference_attention)
+AttentionMaskInterface.register("mif_reference", sdpa_mask)
+
+
+def use_reference_attention(model, cfg: BackendConfig):
+    """Make ``model`` run the reference sparse path eagerly (returns the model)."""
+    _CURRENT["cfg"] = cfg
+    model.config._attn_implementation = "mif_reference"
+    for m in model.modules():
+        if hasattr(m, "config") and hasattr(m.config, "_attn_implementation"):
+            m.config._attn_implementation = "mif_reference"
+    return model
