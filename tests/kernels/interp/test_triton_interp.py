@@ -1,0 +1,64 @@
+"""Triton kernels under the interpreter (fp16/fp32, tiny shapes) against the reference and float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+import mif_compile.kernels as K
+from mif_compile.testing import assert_close_to_ref64
+
+from .._cases import build, dense_masked, full_mask, low_precision_pt, make_inputs, vs_case
+
+pytest.importorskip("triton")
+EDGE = dict(B=1, H=2, Hkv=1, D=16, N=1, block_m=64, V=1, S=1, sink="none", padding=False, seed=0)
+few = settings(max_examples=6)
+
+
+@few
+@given(vs_case(max_n=200, max_heads=4))
+@example(EDGE)
+@example({**EDGE, "N": 130, "block_m": 128, "sink": "mixed", "padding": True, "H": 4, "Hkv": 2})
+def test_index_kernel_equals_reference(c):
+    x = make_inputs(c)
+    assert all(torch.equal(a, b) for a, b in zip(build(c, x, "triton"), build(c, x, "reference")))
+
+
+@few
+@given(vs_case(max_n=200, max_heads=4), st.sampled_from([torch.float16, torch.float32]))
+@example(EDGE, torch.float32)
+@example({**EDGE, "N": 193, "block_m": 128, "sink": "small", "padding": True, "D": 32}, torch.float16)
+def test_attention_kernel_vs_float64(c, dtype):
+    x = make_inputs(c, dtype)
+    idx = build(c, x)
+    scale = c["D"] ** -0.5
+    out = K.sparse_attention(x["q"], x["k"], x["v"], idx, scale=scale, block_m=c["block_m"],
+                             key_padding=x["key_padding"], impl="triton")
+    mask = full_mask(idx, c, x["key_padding"])
+    ref64 = dense_masked(x["q"], x["k"], x["v"], mask, scale)
+    assert_close_to_ref64(out, low_precision_pt(x["q"], x["k"], x["v"], mask, scale), ref64)
+
+
+@few
+@given(vs_case(max_n=200, max_heads=4), st.sampled_from([1, 17, 64, 100]))
+@example(EDGE, 64)
+def test_estimation_kernel_vs_reference(c, last_q):
+    x = make_inputs(c, torch.float32)
+    args = dict(last_q=last_q, scale=c["D"] ** -0.5, key_padding=x["key_padding"])
+    col, diag = K.vertical_slash_scores(x["q"], x["k"], impl="triton", **args)
+    c64, d64 = K.vertical_slash_scores(x["q"].double(), x["k"].double(), impl="reference", **args)
+    torch.testing.assert_close(col, c64, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(diag, d64, rtol=1e-4, atol=1e-5)
+
+
+def test_dense_budget_kernel_equals_sdpa():
+    c = {**EDGE, "N": 150, "H": 4, "Hkv": 2, "D": 32, "block_m": 64}
+    x = make_inputs(c, torch.float32)
+    x["n_sink"] = torch.full((4,), 150)
+    idx = build(c, x, "triton")
+    out = K.sparse_attention(x["q"], x["k"], x["v"], idx, scale=0.2, block_m=64, impl="triton")
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        x["q"], x["k"].repeat_interleave(2, 1), x["v"].repeat_interleave(2, 1), is_causal=True, scale=0.2)
+    torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)

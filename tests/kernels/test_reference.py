@@ -1,0 +1,187 @@
+"""CPU tests of the pure-PyTorch reference against loop oracles and float64 dense attention."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+import mif_compile.kernels as K
+from mif_compile.testing import assert_close_to_ref64
+
+from ._cases import build, dense_masked, full_mask, low_precision_pt, make_inputs, nm, vs_case
+from ._oracle import naive_scores, naive_vs_rows
+
+EDGE = dict(B=1, H=2, Hkv=1, D=16, N=1, block_m=64, V=1, S=1, sink="none", padding=False, seed=0)
+
+
+@given(vs_case())
+@example(EDGE)
+@example({**EDGE, "N": 129, "block_m": 128, "sink": "mixed", "padding": True})
+def test_vs_index_matches_contract_oracle(c):
+    x = make_inputs(c)
+    idx = build(c, x)
+    want = naive_vs_rows(x["v_idx"], x["s_off"], x["n_sink"], seq_len=c["N"], block_m=c["block_m"])
+    for (b, h, m), (blocks, cols) in want.items():
+        assert idx.block_offset[b, h, m, : idx.block_count[b, h, m]].tolist() == blocks, (b, h, m)
+        assert idx.column_index[b, h, m, : idx.column_count[b, h, m]].tolist() == cols, (b, h, m)
+
+
+@given(vs_case())
+def test_vs_index_invariants(c):
+    x = make_inputs(c)
+    idx = build(c, x)
+    N, BM = c["N"], c["block_m"]
+    for (b, h, m) in [(b, h, m) for b in range(c["B"]) for h in range(c["H"]) for m in range(nm(c))]:
+        m0 = m * BM
+        nb, ncol = int(idx.block_count[b, h, m]), int(idx.column_count[b, h, m])
+        blocks = idx.block_offset[b, h, m]
+        cols = idx.column_index[b, h, m]
+        assert (blocks[nb:] == -1).all() and (cols[ncol:] == -1).all()
+        bl, cl = blocks[:nb].tolist(), cols[:ncol].tolist()
+        assert all(0 <= s < min(m0 + BM, N) for s in bl)  # no block starts beyond the query block
+        assert all(b2 - b1 >= 64 for b1, b2 in zip(bl, bl[1:]))  # ascending and disjoint
+        assert cl == sorted(set(cl)) and all(0 <= cc < m0 for cc in cl)
+        assert not any(s <= cc < s + 64 for cc in cl for s in bl)
+        keys = [s + j for s in bl for j in range(64) if s + j < N] + cl
+        assert len(keys) == len(set(keys))  # no key twice
+
+
+@given(vs_case(), st.sampled_from([torch.float64, torch.float32, torch.float16, torch.bfloat16]))
+@example(EDGE, torch.float64)
+def test_reference_attention_vs_dense64(c, dtype):
+    x = make_inputs(c, dtype)
+    idx = build(c, x)
+    scale = c["D"] ** -0.5
+    mask = full_mask(idx, c, x["key_padding"])
+    ref64 = dense_masked(x["q"], x["k"], x["v"], mask, scale)
+    out = K.sparse_attention(x["q"], x["k"], x["v"], idx, scale=scale, block_m=c["block_m"],
+                             key_padding=x["key_padding"], impl="reference")
+    assert out.dtype == dtype and out.is_contiguous()
+    if dtype == torch.float64:
+        torch.testing.assert_close(out, ref64, rtol=1e-10, atol=1e-10)
+    else:
+        assert_close_to_ref64(out, low_precision_pt(x["q"], x["k"], x["v"], mask, scale), ref64)
+
+
+@given(vs_case(), st.sampled_from(["sink", "slashes"]))
+def test_budget_covering_every_key_is_dense(c, how):
+    c = {**c, "padding": False}
+    x = make_inputs(c, torch.float64)
+    N = c["N"]
+    if how == "sink":
+        x["n_sink"] = torch.full((c["H"],), N)
+    else:
+        x["s_off"] = torch.arange(N, dtype=torch.int32).expand(c["B"], c["H"], N).contiguous()
+    c["S"] = x["s_off"].shape[-1]
+    idx = build(c, x)
+    out = K.sparse_attention(x["q"], x["k"], x["v"], idx, scale=0.3, block_m=c["block_m"], impl="reference")
+    g = c["H"] // c["Hkv"]
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        x["q"], x["k"].repeat_interleave(g, 1), x["v"].repeat_interleave(g, 1), is_causal=True, scale=0.3)
+    torch.testing.assert_close(out, dense, rtol=1e-10, atol=1e-10)
+
+
+@given(vs_case(max_n=160), st.integers(1, 80))
+def test_scores_match_loop_oracle(c, last_q):
+    x = make_inputs(c, torch.float64)
+    col, diag = K.vertical_slash_scores(x["q"], x["k"], last_q=last_q, scale=0.2,
+                                        key_padding=x["key_padding"], impl="reference")
+    c2, d2 = naive_scores(x["q"], x["k"], last_q=last_q, scale=0.2, key_padding=x["key_padding"])
+    assert col.dtype == torch.float32 and col.shape == (c["B"], c["H"], c["N"])
+    torch.testing.assert_close(col.double(), c2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(diag.double(), d2, rtol=1e-5, atol=1e-6)
+
+
+@given(st.integers(1, 400), st.integers(1, 3), st.integers(0, 2**31 - 1))
+def test_topk_keeps_forced_and_respects_budgets(N, H, seed):
+    g = torch.Generator().manual_seed(seed)
+    col, diag = torch.rand(2, H, N, generator=g), torch.rand(2, H, N, generator=g)
+    v_count = torch.randint(1, N + 1, (H,), generator=g).clamp(max=N)
+    s_count = torch.randint(1, N + 1, (H,), generator=g).clamp(max=N)
+    v_idx, s_off = K.vertical_slash_topk(col, diag, v_count, s_count, n_force_v=30, n_force_s=100)
+    assert v_idx.dtype == torch.int32 and v_idx.shape == (2, H, int(v_count.max()))
+    for h in range(H):
+        for ids, cnt, force in ((v_idx, v_count, 30), (s_off, s_count, 100)):
+            got = ids[:, h, : cnt[h]]
+            assert (ids[:, h, cnt[h]:] == -1).all() and (got >= 0).all() and (got < N).all()
+            for b in range(2):
+                row = set(got[b].tolist())
+                assert len(row) == int(cnt[h])
+                forced = set(range(min(force, N)))
+                assert forced <= row if int(cnt[h]) >= len(forced) else row <= forced
+
+
+@given(st.integers(1, 300), st.sampled_from([64, 128]), st.integers(1, 6), st.booleans(), st.integers(0, 2**31 - 1))
+def test_block_sparse_topk_and_index(N, block_m, top, padding, seed):
+    g = torch.Generator().manual_seed(seed)
+    B, H, Hkv, D = 2, 4, 2, 16
+    q, k, v = (torch.randn(B, h, N, D, generator=g, dtype=torch.float64) for h in (H, Hkv, Hkv))
+    pad = torch.rand(B, N, generator=g) > 0.3 if padding else None
+    if pad is not None:
+        pad[:, 0] = True
+    top_k = torch.tensor([top, 1, top + 1, 3])
+    blk = K.block_sparse_topk(q, k, top_k, key_padding=pad, impl="reference")
+    NB = math.ceil(N / 64)
+    assert blk.shape == (B, H, NB, min(NB, int(top_k.max())))
+    for b in range(B):
+        for h in range(H):
+            for qb in range(NB):
+                row = blk[b, h, qb]
+                n_ok = min(int(top_k[h]), qb + 1)
+                got = row[:n_ok].tolist()
+                assert (row[n_ok:] == -1).all() and len(set(got)) == n_ok
+                assert all(0 <= j <= qb for j in got)
+                assert {0, qb} <= set(got) if n_ok >= 2 else set(got) <= {0, qb}  # forced blocks
+    idx = K.build_bs_index(blk, seq_len=N, block_m=block_m, cap_s=K.max_blocks_per_row(N), impl="reference")
+    sub = block_m // 64
+    for b in range(B):
+        for h in range(H):
+            for m in range(math.ceil(N / block_m)):
+                want = sorted({int(j) * 64 for j in blk[b, h, m * sub:(m + 1) * sub].flatten() if j >= 0})
+                assert idx.block_offset[b, h, m, : idx.block_count[b, h, m]].tolist() == want
+    c = dict(N=N, block_m=block_m)
+    mask = full_mask(idx, c, pad)
+    out = K.sparse_attention(q, k, v, idx, scale=0.25, block_m=block_m, key_padding=pad, impl="reference")
+    torch.testing.assert_close(out, dense_masked(q, k, v, mask, 0.25), rtol=1e-10, atol=1e-10)
+
+
+@given(vs_case())
+def test_count_kept_pairs_matches_mask(c):
+    x = make_inputs(c)
+    idx = build(c, x)
+    pairs = K.count_kept_pairs(idx, c["N"], c["block_m"])
+    assert torch.equal(pairs, K.index_to_dense_mask(idx, c["N"], c["block_m"]).sum((-1, -2)))
+
+
+def test_validation_messages_name_the_problem(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q = torch.randn(1, 4, 10, 16)
+    k = torch.randn(1, 3, 10, 16)
+    with pytest.raises(ValueError, match="multiple of kv heads 3"):
+        K.vertical_slash_scores(q, k, last_q=4, scale=1.0)
+    idx = K.build_vs_index(torch.zeros(1, 4, 1, dtype=torch.int32), torch.zeros(1, 4, 1, dtype=torch.int32), 0,
+                           seq_len=10, block_m=64, cap_s=1, cap_v=1)
+    with pytest.raises(ValueError, match="block_m must be 64 or 128, got 32"):
+        K.sparse_attention(q, q, q, idx, scale=1.0, block_m=32)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        K.sparse_attention(q, q, q, idx, scale=1.0, block_m=64, impl="cuda")
+    q200 = torch.randn(1, 4, 200, 16)
+    with pytest.raises(ValueError, match="index counts must be"):
+        K.sparse_attention(q200, q200, q200, idx, scale=1.0, block_m=64)
+    with pytest.raises(ValueError, match="impl='triton' needs CUDA"):
+        K.build_vs_index(idx.column_index[..., 0, :], idx.column_index[..., 0, :], 0, seq_len=10, block_m=64,
+                         cap_s=1, cap_v=1, impl="triton")
+
+
+def test_import_is_lean():
+    code = ("import sys, torch, mif_compile.kernels as K; "
+            "assert 'mif_compile.kernels.attention' not in sys.modules; "
+            "assert 'mif_compile.kernels.estimate' not in sys.modules; "
+            "assert not torch.cuda.is_initialized()")
+    subprocess.run([sys.executable, "-c", code], check=True)
