@@ -96,10 +96,15 @@ def vertical_slash_scores(q, k, *, last_q: int, scale: float, key_padding=None, 
 
 
 def vertical_slash_topk(col, diag, v_count, s_count, *, n_force_v: int = 30, n_force_s: int = 100):
-    """int32 (v_idx [B, H, Vmax], s_off [B, H, Smax]); -1 = unused. Pure torch."""
+    """int32 (v_idx [B, H, Vmax], s_off [B, H, Smax]); -1 = unused. Pure torch.
+
+    Pass the budgets as CPU tensors (or lists): k = max budget must be a Python int, and reading
+    it from CPU memory costs no device synchronisation.
+    """
     H = col.shape[1]
-    v_count = _per_head(v_count, H, "v_count", col.device)
-    s_count = _per_head(s_count, H, "s_count", col.device)
+    cpu = torch.device("cpu")
+    v_count = _per_head(v_count.cpu() if torch.is_tensor(v_count) else v_count, H, "v_count", cpu)
+    s_count = _per_head(s_count.cpu() if torch.is_tensor(s_count) else s_count, H, "s_count", cpu)
     if _validating():
         _check(col.shape == diag.shape and col.dim() == 3, f"col {tuple(col.shape)} and diag {tuple(diag.shape)} must be [B, H, N]")
         if not col.is_cuda:  # value checks never synchronise a device

@@ -72,8 +72,8 @@ def vertical_slash_topk(col, diag, v_count, s_count, *, n_force_v: int = 30, n_f
     the Python ints k (taken from the budgets, which live wherever the caller keeps them).
     """
     N = col.shape[-1]
-    v_count = torch.as_tensor(v_count, device=col.device, dtype=torch.int64)
-    s_count = torch.as_tensor(s_count, device=col.device, dtype=torch.int64)
+    v_count = torch.as_tensor(v_count, dtype=torch.int64)  # kept where the caller keeps them
+    s_count = torch.as_tensor(s_count, dtype=torch.int64)
     vmax = min(N, int(v_count.max()))
     smax = min(N, int(s_count.max()))
     return (
@@ -87,7 +87,7 @@ def _topk_forced(score, count, kmax: int, n_force: int):
     score[..., :n_force] = float("inf")
     idx = torch.topk(score, kmax, dim=-1, sorted=True).indices.to(torch.int32)  # [B, H, kmax]
     slot = torch.arange(kmax, device=score.device)
-    keep = slot[None, None, :] < count.to(score.device)[None, :, None]
+    keep = slot[None, None, :] < count.to(score.device, non_blocking=True)[None, :, None]
     return torch.where(keep, idx, torch.full_like(idx, -1))
 
 
