@@ -98,6 +98,10 @@ class HeadPattern:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pattern", _parse_pattern(self.pattern))
+        if not isinstance(self.budget, (tuple, list)):
+            raise ConfigError(
+                f"{self.pattern.value} budget must be a sequence {BUDGET_NAMES[self.pattern]}, got {self.budget!r}"
+            )
         object.__setattr__(self, "budget", tuple(self.budget))
         self.validate()
 
@@ -244,7 +248,7 @@ class ModelPlan:
             d = {}
             for h, hp in enumerate(layer):
                 b = list(hp.budget) + [0] * (2 - len(hp.budget))
-                d[str(h)] = [names[hp.pattern], b[0], b[1], hp.score if hp.score is not None else 0.0]
+                d[str(h)] = [names[hp.pattern], b[0], b[1], hp.score]
             out.append(d)
         return out
 
@@ -402,8 +406,10 @@ class BackendConfig:
                 raise ConfigError("give either 'config' or 'plan', not both")
             cfg = opts.pop("config")
             if isinstance(cfg, BackendConfig):
-                rest = {k: v for k, v in opts.items()}
-                return dataclasses.replace(cfg, **rest) if rest else cfg
+                unknown = sorted(set(opts) - {f.name for f in dataclasses.fields(cls)})
+                if unknown:
+                    raise ConfigError(f"unknown option(s) {unknown}; known: {sorted({f.name for f in dataclasses.fields(cls)} | {'config'})}")
+                return dataclasses.replace(cfg, **opts) if opts else cfg
             opts["plan"] = cfg
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(opts) - fields)

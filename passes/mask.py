@@ -58,6 +58,21 @@ def _fsubst(f: Form, var: Any, repl: Form) -> Form:
     return _fadd(out, tuple((k, c * v) for k, v in repl)) if c else out
 
 
+def _rename(v: Any, old: Any, new: Any) -> Any:
+    """Rename index variable ``old`` to ``new`` in an AInt/ABool (axes, forms and atoms)."""
+    def rf(f: Form) -> Form:
+        return _fsubst(f, old, _form({new: 1}))
+
+    axes = tuple(new if a == old else a for a in v.axes)
+    if isinstance(v, AInt):
+        return AInt(axes, rf(v.form))
+    atoms = frozenset(
+        (a[0], rf(a[1])) if a[0] == "le" else (a[0], a[1], rf(a[2]), rf(a[3])) if a[0] == "pad" else a
+        for a in v.atoms
+    )
+    return ABool(axes, atoms)
+
+
 def _const_form(c: int) -> Form:
     return _form({"1": c})
 
@@ -154,6 +169,24 @@ class _Interp:
             return v.ndim
         return 0
 
+    def canon(self, v: Any) -> Any:
+        """Name each index variable by (its arange, the axis it sits on, counted from the right).
+
+        One ``arange`` broadcast along two different axes (``i[None, :] <= i[:, None]``) indexes
+        two independent positions, so it must become two variables; the same arange on the same
+        axis in two operands is one variable.
+        """
+        if not isinstance(v, (AInt, ABool)):
+            return v
+        for i, var in enumerate(v.axes):
+            if var is None:
+                continue
+            new = ("var", var[1], i - len(v.axes))
+            if new != var:
+                self.var_len.setdefault(new, self.var_len[var])
+                v = _rename(v, var, new)
+        return v
+
     @staticmethod
     def broadcast_axes(a: tuple, b: tuple) -> tuple:
         n = max(len(a), len(b))
@@ -202,16 +235,20 @@ class _Interp:
                 args = [n.kwargs.get("start", 0), n.kwargs["end"]]
             if n.kwargs.get("step", 1) != 1 or len(args) > 2 or not args:
                 raise _Unprovable("arange with a step")
+            if n.kwargs.get("dtype") not in (None, torch.int64, torch.int32):
+                raise _Unprovable(f"arange of dtype {n.kwargs.get('dtype')}")
             start, end = (0, args[0]) if len(args) == 1 else args
             key = ("var", next(self._ids))
             self.var_len[key] = (start, end)
             return AInt((key,), _fadd(_form({key: 1}), self.scalar_form(start)))
         if t in (operator.add, operator.sub, torch.add, torch.sub):
+            if n.kwargs.get("alpha", 1) != 1 or len(n.args) != 2:
+                raise _Unprovable("add/sub with alpha")
             a, b = self.val(n.args[0]), n.args[1]
             sign = 1 if t in (operator.add, torch.add) else -1
             if isinstance(b, fx.Node) and isinstance(_meta(b), torch.Tensor):
-                bv = self.as_int(self.val(b))
-                av = self.as_int(a)
+                av = self.as_int(self.canon(a))
+                bv = self.as_int(self.canon(self.val(b)))
                 return AInt(self.broadcast_axes(av.axes, bv.axes), _fadd(av.form, bv.form, sign))
             av = self.as_int(a)
             return AInt(av.axes, _fadd(av.form, self.scalar_form(b), sign))
@@ -219,16 +256,21 @@ class _Interp:
                  torch.le, torch.lt, torch.ge, torch.gt, torch.eq, torch.ne):
             return self.compare(t.__name__.strip("_"), self.val(n.args[0]), self.val(n.args[1]))
         if t in (operator.and_, torch.logical_and, torch.bitwise_and):
-            a, b = self.as_bool(self.val(n.args[0])), self.as_bool(self.val(n.args[1]))
+            a = self.as_bool(self.canon(self.val(n.args[0])))
+            b = self.as_bool(self.canon(self.val(n.args[1])))
             return ABool(self.broadcast_axes(a.axes, b.axes), a.atoms | b.atoms)
         if t is operator.getitem:
-            return self.getitem(self.val(n.args[0]), n.args[1])
+            return self.getitem(self.val(n.args[0]), n.args[1], n.args[0])
         if t is torch.diff:
             return self.diff(n)
         raise _Unprovable(f"op {getattr(t, '__name__', t)}")
 
     def call_method(self, n: fx.Node) -> Any:
         name = n.target
+        if name == "new_ones":  # only dtype matters, not the receiver's value
+            if n.kwargs.get("dtype") == torch.bool:
+                return AConst(True)
+            raise _Unprovable("new_ones of a non-boolean dtype")
         x = self.val(n.args[0])
         if name == "to":
             dtype = n.kwargs.get("dtype")
@@ -238,11 +280,17 @@ class _Interp:
             if isinstance(x, AInput):
                 # a (B, L) input moved and/or cast; the node that yields the bool tensor is kept
                 return AInput(n, x.ndim, x.is_bool or dtype == torch.bool)
-            if dtype is None or dtype == torch.bool:
+            if dtype is None:
+                return x  # a device move
+            if isinstance(x, AConst):
+                return AConst(bool(x.value)) if dtype == torch.bool else x
+            if isinstance(x, ABool) and dtype == torch.bool:
                 return x
-            raise _Unprovable(f"cast to {dtype}")
-        if name == "bool" and isinstance(x, (ABool, AConst)):
+            raise _Unprovable(f"cast of an index or mask tensor to {dtype}")
+        if name == "bool" and isinstance(x, ABool):
             return x
+        if name == "bool" and isinstance(x, AConst):
+            return AConst(bool(x.value))
         if name == "unsqueeze":
             dim = n.args[1] if len(n.args) > 1 else n.kwargs["dim"]
             if not isinstance(x, (AInt, ABool)):
@@ -257,6 +305,9 @@ class _Interp:
                 pad = len(sizes) - len(x.axes)
                 if pad < 0:
                     raise _Unprovable("expand to fewer dims")
+                for var, size in zip(x.axes, sizes[pad:]):
+                    if var is not None and size != -1 and not _same_size(size, self.length(var)):
+                        raise _Unprovable("expand of a position axis to another length")
                 return dataclasses.replace(x, axes=(None,) * pad + tuple(x.axes))
             return x
         if name == "new_ones":
@@ -274,7 +325,8 @@ class _Interp:
     def compare(self, name: str, a: Any, b: Any) -> Any:
         if isinstance(a, AConst) and isinstance(b, AConst):
             return AConst(bool(getattr(operator, name)(a.value, b.value)))
-        a, b = self.as_int(a), self.as_int(b)
+        a = self.as_int(self.canon(a))
+        b = self.as_int(self.canon(b))
         axes = self.broadcast_axes(a.axes, b.axes)
         diff = _fadd(a.form, b.form, -1)  # a - b
         if name in ("eq", "ne"):
@@ -291,11 +343,11 @@ class _Interp:
         }[name]
         return ABool(axes, frozenset({("le", atom)}))
 
-    def getitem(self, x: Any, idx: Any) -> Any:
+    def getitem(self, x: Any, idx: Any, src_node: Any = None) -> Any:
         if not isinstance(idx, tuple):
             idx = (idx,)
         if any(isinstance(i, fx.Node) for i in idx):
-            return self.advanced_index(x, idx)
+            return self.advanced_index(x, idx, src_node)
         if isinstance(x, AConst):
             return x
         if not isinstance(x, (AInt, ABool)):
@@ -332,15 +384,29 @@ class _Interp:
             return AInt(tuple(out), form)
         return ABool(tuple(out), x.atoms)
 
-    def advanced_index(self, x: Any, idx: tuple) -> Any:
+    def length(self, var: Any) -> Any:
+        start, end = self.var_len[var]
+        if start != 0:
+            raise _Unprovable("arange with a start")
+        return end
+
+    def advanced_index(self, x: Any, idx: tuple, src_node: Any) -> Any:
         if not all(isinstance(i, fx.Node) for i in idx):
             raise _Unprovable("mixed basic and advanced indexing")
-        ivals = [self.as_int(self.val(i)) for i in idx]
+        ivals = [self.as_int(self.canon(self.val(i))) for i in idx]
         axes: tuple = ()
         for iv in ivals:
             axes = self.broadcast_axes(axes, iv.axes)
         if isinstance(x, AConst):
             return x
+        src = _meta(src_node)
+        if not isinstance(src, torch.Tensor) or src.dim() != len(ivals):
+            raise _Unprovable("partial advanced indexing")
+        for j, iv in enumerate(ivals):
+            # only i -> i over 0..len-1 of that axis: no negative (wrapping) or out-of-range index
+            var = iv.form[0][0] if len(iv.form) == 1 and iv.form[0][1] == 1 else None
+            if var is None or var == "1" or not _same_size(self.length(var), src.shape[j]) or self.var_len[var][0] != 0:
+                raise _Unprovable("advanced index that is not 0..len-1 of the indexed axis")
         if isinstance(x, AInput):
             if x.ndim != 2 or len(ivals) != 2 or not x.is_bool:
                 raise _Unprovable("padding mask lookup that is not bool_mask[batch, key]")
@@ -369,6 +435,20 @@ class _Interp:
         if p.form != _fsubst(x.form, var, _const_form(-1)):
             raise _Unprovable("diff whose prepend is not the sequence's predecessor")
         return AConst(coef)
+
+
+def _fmt_le(form: Form, names: dict) -> str:
+    """``form <= 0`` in words, e.g. ``key - query <= 0``."""
+    parts = []
+    const = 0
+    for k, c in form:
+        if k == "1":
+            const = c
+            continue
+        name = names.get(k, "pos")
+        parts.append(("- " if c < 0 else "+ ") + (f"{abs(c)}*" if abs(c) != 1 else "") + name)
+    lhs = " ".join(parts).lstrip("+ ") or "0"
+    return f"{lhs} <= {-const}"
 
 
 def prove_causal_mask(mask: fx.Node, q_len: Any, kv_len: Any, batch: Any) -> MaskProof | str:
@@ -403,7 +483,9 @@ def prove_causal_mask(mask: fx.Node, q_len: Any, kv_len: Any, batch: Any) -> Mas
     if other:
         return "mask is always False"
     if len(les) != 1 or les[0][1] != causal:
-        return f"mask has position terms other than key <= query: {[a[1] for a in les]}"
+        names = {q_var: "query", k_var: "key", b_var: "batch"}
+        terms = " & ".join(_fmt_le(a[1], names) for a in les)
+        return f"mask is not causal-only: it keeps {terms or 'every position'}"
     padding = None
     if pads:
         if len(pads) > 1:

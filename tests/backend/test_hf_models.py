@@ -9,7 +9,7 @@ import torch
 
 import mif_compile
 from mif_compile import BackendConfig, HeadPattern, ModelPlan
-from models import MODELS, use_reference_attention
+from tests.backend.models import MODELS, use_reference_attention
 
 N = 320  # long enough for sparse budgets to drop keys (5 blocks of 64)
 FULL = HeadPattern.vertical_slash(v=4096, s=4096)  # covers every key at these lengths
