@@ -29,7 +29,7 @@ def _make_call(cfg: BackendConfig):
         return graph.call_function(
             torch.ops.mif.sparse_attention.default,
             (f["q"], f["k"], f["v"], f["padding"], f["scale"], codes, b0, b1,
-             cfg.min_seq_len, cfg.last_q, cfg.block_m, cfg.impl),
+             cfg.min_seq_len, cfg.last_q, cfg.block_m, cfg.impl, cfg.max_density),
         )
 
     return make_call

@@ -357,6 +357,10 @@ class BackendConfig:
     - ``last_q``: queries used by the vertical-slash estimation (MInference: 64).
     - ``block_m``: query block of the sparse index and kernel (64 or 128).
     - ``impl``: "auto" (Triton on CUDA, reference elsewhere), "triton" or "reference".
+    - ``max_density``: when an estimated index keeps more than this share of the causal pairs, the
+      layer runs dense SDPA instead (dense kernels are faster per pair). Reading the share costs one
+      small device-to-host copy per layer; it is skipped while a CUDA graph is being captured.
+      1.0 disables the check.
     """
 
     plan: ModelPlan = dataclasses.field(default_factory=ModelPlan)
@@ -365,6 +369,7 @@ class BackendConfig:
     last_q: int = 64
     block_m: int = 64
     impl: str = "auto"
+    max_density: float = 0.6
 
     def __post_init__(self) -> None:
         plan = self.plan
@@ -391,6 +396,9 @@ class BackendConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "min_seq_len" else 1):
                 raise ConfigError(f"{name} must be a {'non-negative' if name == 'min_seq_len' else 'positive'} integer, got {value!r}")
+        if isinstance(self.max_density, bool) or not isinstance(self.max_density, (int, float)) or not 0.0 < self.max_density <= 1.0:
+            raise ConfigError(f"max_density must be in (0, 1], got {self.max_density!r}")
+        object.__setattr__(self, "max_density", float(self.max_density))
         if self.block_m not in (64, 128):
             raise ConfigError(f"block_m must be 64 or 128, got {self.block_m}")
         if self.impl not in ("auto", "triton", "reference"):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .config import PATTERN_FROM_CODE, HeadPattern, Pattern, clamp_budget
 
-__all__ = ["sparse_attention", "dense_attention", "run_layer", "encode_heads", "BLOCK_N"]
+__all__ = ["sparse_attention", "dense_attention", "run_layer", "encode_heads", "kept_density", "collect_stats", "BLOCK_N"]
 
 BLOCK_N = 64  # key granularity of every pattern (contract: docs/kernel-contract.md)
 
@@ -171,6 +171,7 @@ def run_layer(
     last_q: int = 64,
     block_m: int = 64,
     impl: str = "auto",
+    max_density: float = 1.0,
 ) -> torch.Tensor:
     """One attention layer of a causal prefill. q: [B, H, N, D]; k, v: [B, Hkv, N, D] -> [B, H, N, D]."""
     n = q.shape[2]
@@ -201,10 +202,53 @@ def run_layer(
         blk = K.block_sparse_topk(q, k, t["top_k"], key_padding=key_padding, impl=impl)
         bs_index = K.build_bs_index(blk, seq_len=n, block_m=block_m, block_n=BLOCK_N, cap_s=lp.cap_bs, impl=impl)
         index = bs_index if index is None else _merge_index(index, bs_index, t["is_bs"])
+    if max_density < 1.0 and not _capturing(q):
+        # one tiny device->host read per layer: when the estimated index keeps most causal pairs
+        # (e.g. scattered slashes on unstructured attention), dense SDPA is the faster kernel
+        density = float(kept_density(index, n, block_m))
+        _record_stat(n, density, density > max_density)
+        if density > max_density:
+            return dense_attention(q, k, v, key_padding, scale)
+    elif _STATS is not None:
+        _record_stat(n, float(kept_density(index, n, block_m)), False)
     out = K.sparse_attention(
         q, k, v, index, scale=scale, block_m=block_m, block_n=BLOCK_N, key_padding=key_padding, impl=impl
     )
     return out.contiguous()
+
+
+def kept_density(index, n: int, block_m: int) -> torch.Tensor:
+    """Upper bound of the share of causal (query, key) pairs the index computes (device scalar)."""
+    bc, _, cc, _ = index
+    kept = (bc.sum(dtype=torch.float64) * BLOCK_N + cc.sum(dtype=torch.float64)) * block_m
+    causal = bc.shape[0] * bc.shape[1] * n * (n + 1) / 2
+    return (kept / causal).clamp(max=1.0)
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+_STATS: list | None = None
+
+
+def _record_stat(n: int, density: float, dense: bool) -> None:
+    if _STATS is not None:
+        _STATS.append({"seq_len": n, "density": density, "fell_back_to_dense": dense})
+
+
+class collect_stats:
+    """``with collect_stats() as rows:`` records, per sparse layer call, the kept-pair density and
+    whether the op fell back to dense (one host read per layer while active)."""
+
+    def __enter__(self) -> list:
+        global _STATS
+        self._prev, _STATS = _STATS, []
+        return _STATS
+
+    def __exit__(self, *exc) -> None:
+        global _STATS
+        _STATS = self._prev
 
 
 @torch.library.custom_op("mif::sparse_attention", mutates_args=())
@@ -221,11 +265,14 @@ def sparse_attention(
     last_q: int,
     block_m: int,
     impl: str,
+    max_density: float,
 ) -> torch.Tensor:
     """Causal prefill attention of one layer with a per-head MInference plan (see :func:`run_layer`)."""
-    return run_layer(q, k, v, key_padding, scale, patterns, budget0, budget1, min_seq_len, last_q, block_m, impl)
+    return run_layer(q, k, v, key_padding, scale, patterns, budget0, budget1, min_seq_len, last_q, block_m, impl,
+                     max_density)
 
 
 @sparse_attention.register_fake
-def _sparse_attention_fake(q, k, v, key_padding, scale, patterns, budget0, budget1, min_seq_len, last_q, block_m, impl):
+def _sparse_attention_fake(q, k, v, key_padding, scale, patterns, budget0, budget1, min_seq_len, last_q, block_m, impl,
+                           max_density):
     return q.new_empty(q.shape)  # contiguous, like the real op's output

@@ -49,7 +49,8 @@ def _reference_attention(module, query, key, value, attention_mask, dropout=0.0,
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    out = run_layer(query, key, value, padding, scaling, codes, b0, b1, cfg.min_seq_len, cfg.last_q, cfg.block_m, "reference")
+    out = run_layer(query, key, value, padding, scaling, codes, b0, b1, cfg.min_seq_len, cfg.last_q, cfg.block_m, "reference",
+                    cfg.max_density)
     return out.transpose(1, 2).contiguous(), None
 
 

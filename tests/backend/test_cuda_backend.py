@@ -34,7 +34,7 @@ def test_compiled_model_full_budget_equals_dense(impl):
     with torch.no_grad():
         ref = model(ids).logits.float()
         out = torch.compile(model, backend="minference", dynamic=True,
-                            options=dict(min_seq_len=0, default_pattern=full, impl=impl))(ids).logits.float()
+                            options=dict(min_seq_len=0, default_pattern=full, impl=impl, max_density=1.0))(ids).logits.float()
     assert len(mif_compile.last_report().rewritten) == 2
     err = (out - ref).norm() / ref.norm()
     assert err < 2e-2, err
@@ -50,7 +50,7 @@ def test_compiled_model_triton_equals_reference_padded():
         for impl in ("triton", "reference"):
             torch._dynamo.reset()
             comp = torch.compile(model, backend="minference", dynamic=True,
-                                 options=dict(min_seq_len=0, config=MIXED, impl=impl))
+                                 options=dict(min_seq_len=0, config=MIXED, impl=impl, max_density=1.0))
             outs[impl] = comp(ids, attention_mask=mask).logits.float()
     real = mask.bool()
     a, b = outs["triton"][real], outs["reference"][real]

@@ -25,6 +25,7 @@ SPARSE = ModelPlan(
 def _compile(model, **options):
     options.setdefault("min_seq_len", 0)
     options.setdefault("inductor", False)
+    options.setdefault("max_density", 1.0)  # always sparse: these short prompts keep most pairs
     return torch.compile(model, backend="minference", options=options, dynamic=True)
 
 
@@ -59,7 +60,7 @@ def test_sparse_equals_eager_reference(arch, use_cache):
         dense = model(ids, use_cache=use_cache).logits
         out = _compile(model, config=plan)(ids, use_cache=use_cache).logits
         report = mif_compile.last_report()
-        ref = use_reference_attention(model, BackendConfig(plan=plan, min_seq_len=0))(ids, use_cache=use_cache).logits
+        ref = use_reference_attention(model, BackendConfig(plan=plan, min_seq_len=0, max_density=1.0))(ids, use_cache=use_cache).logits
     assert len(report.rewritten) == 2, report.format()
     assert (dense - ref).abs().max() > 1e-3, "the sparse budget should change the output"
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
@@ -87,7 +88,7 @@ def test_ones_mask_and_left_padding_are_exact():
     torch._dynamo.reset()
     with torch.no_grad():
         out = _compile(model, config=SPARSE)(ids, attention_mask=mask).logits
-        ref = use_reference_attention(model, BackendConfig(plan=SPARSE, min_seq_len=0))(ids, attention_mask=mask).logits
+        ref = use_reference_attention(model, BackendConfig(plan=SPARSE, min_seq_len=0, max_density=1.0))(ids, attention_mask=mask).logits
     torch.testing.assert_close(out[real], ref[real], atol=2e-5, rtol=2e-5)
 
 
@@ -97,7 +98,7 @@ def test_generate_prefill_sparse_decode_dense():
     with torch.no_grad():
         ref = model.generate(ids, max_new_tokens=6, do_sample=False)
     model.forward = torch.compile(
-        model.forward, backend="minference", options=dict(min_seq_len=0, default_pattern=FULL, inductor=False),
+        model.forward, backend="minference", options=dict(min_seq_len=0, default_pattern=FULL, inductor=False, max_density=1.0),
         dynamic=True,
     )
     with torch.no_grad():
@@ -116,9 +117,9 @@ def test_generate_sparse_matches_reference_generate():
     with torch.no_grad():
         compiled = MODELS["llama"]()
         compiled.forward = torch.compile(compiled.forward, backend="minference",
-                                         options=dict(min_seq_len=0, config=SPARSE, inductor=False), dynamic=True)
+                                         options=dict(min_seq_len=0, config=SPARSE, inductor=False, max_density=1.0), dynamic=True)
         out = compiled.generate(ids, max_new_tokens=4, do_sample=False)
-        ref = use_reference_attention(model, BackendConfig(plan=SPARSE, min_seq_len=0)).generate(
+        ref = use_reference_attention(model, BackendConfig(plan=SPARSE, min_seq_len=0, max_density=1.0)).generate(
             ids, max_new_tokens=4, do_sample=False)
     assert torch.equal(out, ref)
 
@@ -126,7 +127,8 @@ def test_generate_sparse_matches_reference_generate():
 def test_no_recompile_over_lengths():
     model = MODELS["llama"]()
     calls = []
-    inner = mif_compile.backend(min_seq_len=0, default_pattern=HeadPattern.vertical_slash(40, 120), inductor=False)
+    inner = mif_compile.backend(min_seq_len=0, default_pattern=HeadPattern.vertical_slash(40, 120), inductor=False,
+                                max_density=1.0)
 
     def counting(gm, example_inputs, **kw):
         calls.append(gm)
@@ -139,7 +141,7 @@ def test_no_recompile_over_lengths():
             ids = _ids(n=n, seed=n)
             out = comp(ids).logits
             ref = use_reference_attention(MODELS["llama"](), BackendConfig(
-                default_pattern=HeadPattern.vertical_slash(40, 120), min_seq_len=0))(ids).logits
+                default_pattern=HeadPattern.vertical_slash(40, 120), min_seq_len=0, max_density=1.0))(ids).logits
             torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
     distinct = {id(g) for g in calls}
     assert len(calls) <= 2 and len(distinct) == len(calls)  # one frame (Dynamo may restart analysis once)
@@ -150,6 +152,18 @@ def test_inductor_compiles_the_rewritten_graph():
     model = MODELS["llama"]()
     ids = _ids(n=256)
     with torch.no_grad():
-        ref = use_reference_attention(MODELS["llama"](), BackendConfig(plan=SPARSE, min_seq_len=0))(ids).logits
-        out = torch.compile(model, backend="minference", options=dict(min_seq_len=0, config=SPARSE))(ids).logits
+        ref = use_reference_attention(MODELS["llama"](), BackendConfig(plan=SPARSE, min_seq_len=0, max_density=1.0))(ids).logits
+        out = torch.compile(model, backend="minference", options=dict(min_seq_len=0, config=SPARSE, max_density=1.0))(ids).logits
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_dense_fallback_when_the_index_is_nearly_dense():
+    model = MODELS["llama"]()
+    ids = _ids()
+    with torch.no_grad():
+        dense = model(ids).logits
+        comp = _compile(model, config=SPARSE, max_density=0.5)
+        with mif_compile.ops.collect_stats() as rows:
+            out = comp(ids).logits
+    assert len(rows) == 2 and all(r["density"] > 0.5 and r["fell_back_to_dense"] for r in rows), rows
+    torch.testing.assert_close(out, dense, atol=2e-5, rtol=2e-5)
