@@ -72,7 +72,8 @@ def _check_blocks(block_m: int, block_n: int) -> None:
 
 
 def _per_head(x, H: int, name: str, device) -> torch.Tensor:
-    t = torch.as_tensor(x, device=device)
+    """Per-head int64 [H]; device None keeps a tensor where it is (sequences go to the CPU)."""
+    t = torch.as_tensor(x) if device is None else torch.as_tensor(x, device=device)
     if t.dim() == 0:
         t = t.expand(H)
     if _validating():
@@ -98,27 +99,27 @@ def vertical_slash_scores(q, k, *, last_q: int, scale: float, key_padding=None, 
 def vertical_slash_topk(col, diag, v_count, s_count, *, n_force_v: int = 30, n_force_s: int = 100):
     """int32 (v_idx [B, H, Vmax], s_off [B, H, Smax]); -1 = unused. Pure torch.
 
-    Pass the budgets as CPU tensors (or lists): k = max budget must be a Python int, and reading
-    it from CPU memory costs no device synchronisation.
+    k = max budget must be a Python int: budgets given as ints/sequences/CPU tensors cost no sync;
+    a CUDA budget tensor is read once per tensor object and cached (reference.host_max).
     """
     H = col.shape[1]
-    cpu = torch.device("cpu")
-    v_count = _per_head(v_count.cpu() if torch.is_tensor(v_count) else v_count, H, "v_count", cpu)
-    s_count = _per_head(s_count.cpu() if torch.is_tensor(s_count) else s_count, H, "s_count", cpu)
+    v_count = _per_head(v_count, H, "v_count", None)
+    s_count = _per_head(s_count, H, "s_count", None)
     if _validating():
         _check(col.shape == diag.shape and col.dim() == 3, f"col {tuple(col.shape)} and diag {tuple(diag.shape)} must be [B, H, N]")
-        if not col.is_cuda:  # value checks never synchronise a device
-            _check(bool((v_count >= 0).all()) and bool((s_count >= 0).all()), "v_count and s_count must be >= 0")
+        for name, cnt in (("v_count", v_count), ("s_count", s_count)):
+            if not cnt.is_cuda:  # value checks never synchronise a device
+                _check(bool((cnt >= 0).all()), f"{name} must be >= 0, got {cnt.tolist()}")
     return _ref.vertical_slash_topk(col, diag, v_count, s_count, n_force_v=n_force_v, n_force_s=n_force_s)
 
 
 def block_sparse_topk(q, k, top_k, *, key_padding=None, impl: str = "auto"):
     """int32 [B, H, NB, Kmax] top-k 64-token key blocks per 64-query block; -1 = unused."""
-    top_k = _per_head(top_k, q.shape[1], "top_k", q.device)
+    top_k = _per_head(top_k, q.shape[1], "top_k", None)
     if _validating():
         _check_qk(q, k, key_padding=key_padding)
-        if not q.is_cuda:  # value checks never synchronise a device
-            _check(bool((top_k >= 0).all()), "top_k must be >= 0")
+        if not top_k.is_cuda:  # value checks never synchronise a device
+            _check(bool((top_k >= 0).all()), f"top_k must be >= 0, got {top_k.tolist()}")
     _resolve(impl, q)
     return _ref.block_sparse_topk(q, k, top_k, key_padding=key_padding)
 

@@ -185,3 +185,24 @@ def test_import_is_lean():
             "assert 'mif_compile.kernels.estimate' not in sys.modules; "
             "assert not torch.cuda.is_initialized()")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_zero_budgets_give_only_unused_entries():
+    col = torch.rand(2, 3, 90)
+    v_idx, s_off = K.vertical_slash_topk(col, col, [0, 7, 0], torch.tensor([0, 0, 0]))
+    assert (v_idx[:, [0, 2]] == -1).all() and ((v_idx[:, 1] >= 0).sum(-1) == 7).all() and s_off.shape[-1] == 0
+    q = torch.randn(2, 3, 200, 16)
+    blk = K.block_sparse_topk(q, q[:, :1], [0, 2, 0])
+    assert (blk[:, [0, 2]] == -1).all()
+    idx = K.build_vs_index(v_idx, s_off, torch.zeros(3, dtype=torch.int64), seq_len=90, block_m=64, cap_s=2, cap_v=7)
+    out = K.sparse_attention(q[:, :, :90], q[:, :, :90], q[:, :, :90], idx, scale=0.1, block_m=64)
+    assert (out == 0).all()  # no key kept at all: rows give 0, never NaN
+    with pytest.raises(ValueError, match="v_count must be >= 0"):
+        K.vertical_slash_topk(col, col, [-1, 1, 1], [1, 1, 1])
+
+
+def test_host_max_caches_per_tensor_object():
+    from mif_compile.kernels.reference import host_max
+
+    t = torch.tensor([3, 9, 1])
+    assert host_max(t) == 9 and host_max([4, 2]) == 4 and host_max(5) == 5
