@@ -196,7 +196,7 @@ def test_zero_budgets_give_only_unused_entries():
     assert (blk[:, [0, 2]] == -1).all()
     idx = K.build_vs_index(v_idx, s_off, torch.zeros(3, dtype=torch.int64), seq_len=90, block_m=64, cap_s=2, cap_v=7)
     out = K.sparse_attention(q[:, :, :90], q[:, :, :90], q[:, :, :90], idx, scale=0.1, block_m=64)
-    assert (out == 0).all()  # no key kept at all: rows give 0, never NaN
+    assert (out[:, [0, 2]] == 0).all() and torch.isfinite(out).all()  # heads with no key: rows give 0
     with pytest.raises(ValueError, match="v_count must be >= 0"):
         K.vertical_slash_topk(col, col, [-1, 1, 1], [1, 1, 1])
 
