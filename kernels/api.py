@@ -96,11 +96,12 @@ def vertical_slash_scores(q, k, *, last_q: int, scale: float, key_padding=None, 
     return _ref.vertical_slash_scores(q, k, last_q=last_q, scale=scale, key_padding=key_padding)
 
 
-def vertical_slash_topk(col, diag, v_count, s_count, *, n_force_v: int = 30, n_force_s: int = 100):
+def vertical_slash_topk(col, diag, v_count, s_count, *, n_force_v: int = 30, n_force_s: int = 100,
+                        v_max: int | None = None, s_max: int | None = None):
     """int32 (v_idx [B, H, Vmax], s_off [B, H, Smax]); -1 = unused. Pure torch.
 
-    k = max budget must be a Python int: budgets given as ints/sequences/CPU tensors cost no sync;
-    a CUDA budget tensor is read once per tensor object and cached (reference.host_max).
+    top-k needs k = max budget as a Python int: give ``v_max``/``s_max`` with CUDA budget tensors
+    (the op does: its budgets come from a static plan); ints, sequences and CPU tensors need none.
     """
     H = col.shape[1]
     v_count = _per_head(v_count, H, "v_count", None)
@@ -110,10 +111,11 @@ def vertical_slash_topk(col, diag, v_count, s_count, *, n_force_v: int = 30, n_f
         for name, cnt in (("v_count", v_count), ("s_count", s_count)):
             if not cnt.is_cuda:  # value checks never synchronise a device
                 _check(bool((cnt >= 0).all()), f"{name} must be >= 0, got {cnt.tolist()}")
-    return _ref.vertical_slash_topk(col, diag, v_count, s_count, n_force_v=n_force_v, n_force_s=n_force_s)
+    return _ref.vertical_slash_topk(col, diag, v_count, s_count, n_force_v=n_force_v, n_force_s=n_force_s,
+                                    v_max=v_max, s_max=s_max)
 
 
-def block_sparse_topk(q, k, top_k, *, key_padding=None, impl: str = "auto"):
+def block_sparse_topk(q, k, top_k, *, key_padding=None, k_max: int | None = None, impl: str = "auto"):
     """int32 [B, H, NB, Kmax] top-k 64-token key blocks per 64-query block; -1 = unused."""
     top_k = _per_head(top_k, q.shape[1], "top_k", None)
     if _validating():
@@ -121,7 +123,7 @@ def block_sparse_topk(q, k, top_k, *, key_padding=None, impl: str = "auto"):
         if not top_k.is_cuda:  # value checks never synchronise a device
             _check(bool((top_k >= 0).all()), f"top_k must be >= 0, got {top_k.tolist()}")
     _resolve(impl, q)
-    return _ref.block_sparse_topk(q, k, top_k, key_padding=key_padding)
+    return _ref.block_sparse_topk(q, k, top_k, key_padding=key_padding, k_max=k_max)
 
 
 def build_vs_index(v_idx, s_off, n_sink, *, seq_len: int, block_m: int, block_n: int = BLOCK_N,

@@ -10,7 +10,6 @@ inputs gives the float64 reference of the tests.
 from __future__ import annotations
 
 import math
-import weakref
 from typing import NamedTuple
 
 import torch
@@ -28,28 +27,20 @@ class SparseIndex(NamedTuple):
     column_index: torch.Tensor  # [B, H, NM, CAP_V] int32, single key columns
 
 
-_HOST_MAX: dict[int, tuple] = {}
+def budget_max(counts, given: int | None, name: str) -> int:
+    """The largest per-head budget as a Python int (top-k needs k on the host).
 
-
-def host_max(t) -> int:
-    """max of a budget tensor as a Python int (top-k needs k on the host).
-
-    CPU tensors and sequences cost nothing. A CUDA tensor is read once per tensor object and
-    version (one sync), then cached: the op keeps its plan tensors, so later calls, and CUDA
-    graph replays after a warm-up call, never synchronise.
+    ``given`` (the caller knows it: the op derives budgets from its static plan) costs nothing;
+    otherwise ints, sequences and CPU tensors are read directly. A CUDA tensor without ``given`` is
+    refused: reading it would synchronise the device.
     """
-    if not torch.is_tensor(t):
-        return int(max(t)) if hasattr(t, "__len__") else int(t)
-    if t.device.type == "cpu" or t.numel() == 0:
-        return int(t.max()) if t.numel() else 0
-    hit = _HOST_MAX.get(id(t))
-    if hit is not None and hit[0]() is t and hit[1] == t._version:
-        return hit[2]
-    value = int(t.max())
-    if len(_HOST_MAX) > 4096:
-        _HOST_MAX.clear()
-    _HOST_MAX[id(t)] = (weakref.ref(t), t._version, value)
-    return value
+    if given is not None:
+        return int(given)
+    if not torch.is_tensor(counts):
+        return int(max(counts)) if hasattr(counts, "__len__") else int(counts)
+    if counts.is_cuda:
+        raise ValueError(f"pass {name}= with CUDA budget tensors: reading their max would synchronise the device")
+    return int(counts.max()) if counts.numel() else 0
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -89,7 +80,8 @@ def vertical_slash_scores(q, k, *, last_q: int, scale: float, key_padding=None):
     return col.float(), diag.float()
 
 
-def vertical_slash_topk(col, diag, v_count, s_count, *, n_force_v: int = 30, n_force_s: int = 100):
+def vertical_slash_topk(col, diag, v_count, s_count, *, n_force_v: int = 30, n_force_s: int = 100,
+                        v_max: int | None = None, s_max: int | None = None):
     """Per-head top-v columns and top-s diagonal offsets; int32 [B, H, Vmax] / [B, H, Smax], -1 unused.
 
     Pure torch, shared by both implementations. Forced entries get +inf before one topk with
@@ -97,8 +89,8 @@ def vertical_slash_topk(col, diag, v_count, s_count, *, n_force_v: int = 30, n_f
     the Python ints k (taken from the budgets, which live wherever the caller keeps them).
     """
     N = col.shape[-1]
-    vmax = min(N, host_max(v_count))
-    smax = min(N, host_max(s_count))
+    vmax = min(N, budget_max(v_count, v_max, "v_max"))
+    smax = min(N, budget_max(s_count, s_max, "s_max"))
     v_count = torch.as_tensor(v_count).to(col.device, torch.int64, non_blocking=True)
     s_count = torch.as_tensor(s_count).to(col.device, torch.int64, non_blocking=True)
     return (
@@ -133,11 +125,11 @@ def _pool(x, key_padding, n_blocks: int):
     return sums / ws.clamp(min=1)[:, None, :, None], ws > 0
 
 
-def block_sparse_topk(q, k, top_k, *, key_padding=None, chunk: int = 1024):
+def block_sparse_topk(q, k, top_k, *, key_padding=None, k_max: int | None = None, chunk: int = 1024):
     """Top-k key blocks (64 tokens) per 64-query block; int32 [B, H, NB, Kmax], -1 unused."""
     B, H, N, _ = q.shape
     NB = math.ceil(N / BLOCK_N)
-    kmax = min(NB, host_max(top_k))
+    kmax = min(NB, budget_max(top_k, k_max, "k_max"))
     top_k = torch.as_tensor(top_k).to(q.device, torch.int64, non_blocking=True)
     qp, _ = _pool(q, key_padding, NB)  # [B, H, NB, D]
     kp, kreal = _pool(_expand_kv(k, H), key_padding, NB)

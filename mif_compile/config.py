@@ -352,7 +352,8 @@ class BackendConfig:
 
     - ``plan``: a :class:`ModelPlan`, a path to a plan JSON, or None (``default_pattern`` everywhere).
     - ``min_seq_len``: below this prefill length the op runs dense SDPA, the original computation.
-      The default is the measured crossover where sparse starts to win (see README).
+      Default 32768: on an H100 the whole sparse op (default budgets) first beats cuDNN at 28K
+      (benchmarks/NOTES.md); 32K leaves a 1.4x margin.
     - ``default_pattern``: the head pattern for layers/heads a plan does not cover.
     - ``last_q``: queries used by the vertical-slash estimation (MInference: 64).
     - ``block_m``: query block of the sparse index and kernel (64 or 128).
@@ -364,7 +365,7 @@ class BackendConfig:
     """
 
     plan: ModelPlan = dataclasses.field(default_factory=ModelPlan)
-    min_seq_len: int = 16384
+    min_seq_len: int = 32768
     default_pattern: HeadPattern | None = None
     last_q: int = 64
     block_m: int = 64

@@ -186,7 +186,8 @@ def run_layer(
     if lp.has_vs_like:
         if lp.has_vs:
             col, diag = K.vertical_slash_scores(q, k, last_q=last_q, scale=scale, key_padding=key_padding, impl=impl)
-            v_idx, s_off = K.vertical_slash_topk(col, diag, t["v_count"], t["s_count"])
+            v_idx, s_off = K.vertical_slash_topk(col, diag, t["v_count"], t["s_count"],
+                                                 v_max=max(lp.v_count), s_max=max(lp.s_count))
         else:
             v_idx = torch.full((b, h, 1), -1, dtype=torch.int32, device=q.device)
             s_off = torch.full((b, h, 1), -1, dtype=torch.int32, device=q.device)
@@ -199,7 +200,7 @@ def run_layer(
             cap_s=lp.cap_s, cap_v=lp.cap_v, impl=impl,
         )
     if lp.has_bs:
-        blk = K.block_sparse_topk(q, k, t["top_k"], key_padding=key_padding, impl=impl)
+        blk = K.block_sparse_topk(q, k, t["top_k"], key_padding=key_padding, k_max=max(lp.top_k), impl=impl)
         bs_index = K.build_bs_index(blk, seq_len=n, block_m=block_m, block_n=BLOCK_N, cap_s=lp.cap_bs, impl=impl)
         index = bs_index if index is None else _merge_index(index, bs_index, t["is_bs"])
     if max_density < 1.0 and not _capturing(q):

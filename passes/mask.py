@@ -116,6 +116,16 @@ def _meta(n: Any) -> Any:
     return n
 
 
+def _size_repr(x: Any) -> Any:
+    """A hashable, symbolic description of an int or SymInt node (same symbol -> same repr)."""
+    m = _meta(x)
+    if isinstance(m, torch.SymInt):
+        return ("sym", str(m.node.expr))
+    if isinstance(m, int):
+        return m
+    return ("node", getattr(x, "name", repr(x)))
+
+
 def _same_size(a: Any, b: Any) -> bool:
     a, b = _meta(a), _meta(b)
     if isinstance(a, int) and isinstance(b, int):
@@ -126,6 +136,15 @@ def _same_size(a: Any, b: Any) -> bool:
         return bool(statically_known_true(a == b))
     except Exception:
         return False
+
+
+def _operand(n: fx.Node) -> Any:
+    """The second operand of a binary op, positional or ``other=``."""
+    if len(n.args) > 1:
+        return n.args[1]
+    if "other" in n.kwargs:
+        return n.kwargs["other"]
+    raise _Unprovable(f"{getattr(n.target, '__name__', n.target)} without a second operand")
 
 
 class _Interp:
@@ -170,21 +189,27 @@ class _Interp:
         return 0
 
     def canon(self, v: Any) -> Any:
-        """Name each index variable by (its arange, the axis it sits on, counted from the right).
+        """Name each index variable by the axis it sits on (counted from the right) and its range.
 
-        One ``arange`` broadcast along two different axes (``i[None, :] <= i[:, None]``) indexes
-        two independent positions, so it must become two variables; the same arange on the same
-        axis in two operands is one variable.
+        A variable is the index along its axis, so one ``arange`` broadcast along two axes
+        (``i[None, :] <= i[:, None]``) is two variables, and two aranges of one range on the same
+        axis are one. Ranges are compared symbolically; different ranges stay different variables
+        (and then meet in ``broadcast_axes``, which refuses them).
         """
         if not isinstance(v, (AInt, ABool)):
             return v
+        renames = {}
         for i, var in enumerate(v.axes):
-            if var is None:
-                continue
-            new = ("var", var[1], i - len(v.axes))
-            if new != var:
-                self.var_len.setdefault(new, self.var_len[var])
-                v = _rename(v, var, new)
+            if var is not None:
+                start, end = self.var_len[var]
+                new = ("axis", i - len(v.axes), _size_repr(start), _size_repr(end))
+                if new != var:
+                    renames[var] = new
+                    self.var_len.setdefault(new, (start, end))
+        for j, old in enumerate(renames):  # via temporary names: a new name may be another's old one
+            v = _rename(v, old, ("tmp", j))
+        for j, new in enumerate(renames.values()):
+            v = _rename(v, ("tmp", j), new)
         return v
 
     @staticmethod
@@ -244,7 +269,7 @@ class _Interp:
         if t in (operator.add, operator.sub, torch.add, torch.sub):
             if n.kwargs.get("alpha", 1) != 1 or len(n.args) != 2:
                 raise _Unprovable("add/sub with alpha")
-            a, b = self.val(n.args[0]), n.args[1]
+            a, b = self.val(n.args[0]), _operand(n)
             sign = 1 if t in (operator.add, torch.add) else -1
             if isinstance(b, fx.Node) and isinstance(_meta(b), torch.Tensor):
                 av = self.as_int(self.canon(a))
@@ -254,10 +279,10 @@ class _Interp:
             return AInt(av.axes, _fadd(av.form, self.scalar_form(b), sign))
         if t in (operator.le, operator.lt, operator.ge, operator.gt, operator.eq, operator.ne,
                  torch.le, torch.lt, torch.ge, torch.gt, torch.eq, torch.ne):
-            return self.compare(t.__name__.strip("_"), self.val(n.args[0]), self.val(n.args[1]))
+            return self.compare(t.__name__.strip("_"), self.val(n.args[0]), self.val(_operand(n)))
         if t in (operator.and_, torch.logical_and, torch.bitwise_and):
             a = self.as_bool(self.canon(self.val(n.args[0])))
-            b = self.as_bool(self.canon(self.val(n.args[1])))
+            b = self.as_bool(self.canon(self.val(_operand(n))))
             return ABool(self.broadcast_axes(a.axes, b.axes), a.atoms | b.atoms)
         if t is operator.getitem:
             return self.getitem(self.val(n.args[0]), n.args[1], n.args[0])
@@ -315,7 +340,7 @@ class _Interp:
                 return AConst(True)
             raise _Unprovable("new_ones of a non-boolean dtype")
         if name in ("le", "lt", "ge", "gt", "eq", "ne"):
-            return self.compare(name, x, self.val(n.args[1]))
+            return self.compare(name, x, self.val(_operand(n)))
         if name == "cumsum":
             if isinstance(x, AConst) and x.value in (0, False):
                 return AConst(0)
@@ -334,6 +359,13 @@ class _Interp:
                 return AConst(name == "eq")
             if all(k == "1" for k, _ in diff):
                 return AConst(name == "ne")
+            d = _fdict(diff)
+            c = d.pop("1", 0)
+            if len(d) == 1:
+                (var, coef), = d.items()
+                # an index variable is >= 0: a * var + c == 0 has no solution when -c / a < 0
+                if isinstance(var, tuple) and var[0] == "axis" and (-c) * coef < 0:
+                    return AConst(name == "ne")
             raise _Unprovable(f"{name} between index tensors")
         atom = {
             "le": diff,
@@ -341,6 +373,15 @@ class _Interp:
             "ge": _fadd(b.form, a.form, -1),
             "gt": _fadd(_fadd(b.form, a.form, -1), _const_form(1)),
         }[name]
+        d = _fdict(atom)
+        c = d.pop("1", 0)
+        if all(isinstance(k, tuple) and k[0] == "axis" for k in d):
+            # index variables are >= 0: sum(coef * var) + c <= 0 holds everywhere when every coef
+            # is <= 0 and c <= 0, and nowhere when every coef is >= 0 and c > 0
+            if all(v <= 0 for v in d.values()) and c <= 0:
+                return AConst(True)
+            if all(v >= 0 for v in d.values()) and c > 0:
+                return AConst(False)
         return ABool(axes, frozenset({("le", atom)}))
 
     def getitem(self, x: Any, idx: Any, src_node: Any = None) -> Any:
@@ -460,6 +501,8 @@ def prove_causal_mask(mask: fx.Node, q_len: Any, kv_len: Any, batch: Any) -> Mas
         return f"mask not provably causal: {e}"
     except RecursionError:
         return "mask not provably causal: cone too deep"
+    except Exception as e:  # a prover bug must never fail the compile: the site stays dense
+        return f"mask not provably causal: prover error {type(e).__name__}: {e}"
     if isinstance(v, AConst):
         return f"mask is the constant {v.value!r}, not causal"
     if not isinstance(v, ABool):

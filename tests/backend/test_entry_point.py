@@ -64,7 +64,7 @@ print("ok", r.min_seq_len)
 """,
         tmp_path,
     )
-    assert out.split() == ["ok", "16384"]
+    assert out.split() == ["ok", "32768"]
 
 
 def test_backend_found_by_name_with_options(tmp_path):

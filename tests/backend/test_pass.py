@@ -549,21 +549,12 @@ def _logical_and_other_kwarg(n):
     return torch.logical_and(ki <= qi, other=ki >= 0)
 
 
-_CRASH = ("BUG: passes/mask.py reads the second operand as n.args[1]; when it is passed as other=, the FX node "
-          "has one positional arg, IndexError escapes prove_causal_mask (it catches only _Unprovable and "
-          "RecursionError) and the whole compile fails with BackendCompilerFailed instead of leaving the site dense")
-
-
-@pytest.mark.parametrize("make", [
-    pytest.param(_le_other_kwarg, marks=pytest.mark.xfail(strict=True, reason=_CRASH)),
-    pytest.param(_method_le_other_kwarg, marks=pytest.mark.xfail(strict=True, reason=_CRASH)),
-    pytest.param(_logical_and_other_kwarg, marks=pytest.mark.xfail(strict=True, reason=_CRASH)),
-])
-def test_keyword_operands_do_not_crash_the_compile(make):
-    report, _, _ = compile_and_check(MaskSdpa(make), _qkv())  # dense or rewritten, but equal to eager
+@pytest.mark.parametrize("make", [_le_other_kwarg, _method_le_other_kwarg, _logical_and_other_kwarg])
+def test_keyword_operands_are_read(make):
+    """Operands passed as other= are read (they once crashed the compile with an IndexError)."""
+    report, _, _ = compile_and_check(MaskSdpa(make), _qkv())  # outputs must equal eager
     (site,) = report.sites
-    if not site.rewritten:
-        assert "mask" in site.reason
+    assert site.rewritten and site.reason == "causal", site.reason
 
 
 def test_unreadable_ops_leave_the_site_dense():

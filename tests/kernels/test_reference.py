@@ -201,8 +201,9 @@ def test_zero_budgets_give_only_unused_entries():
         K.vertical_slash_topk(col, col, [-1, 1, 1], [1, 1, 1])
 
 
-def test_host_max_caches_per_tensor_object():
-    from mif_compile.kernels.reference import host_max
+def test_budget_max_never_reads_a_device():
+    from mif_compile.kernels.reference import budget_max
 
     t = torch.tensor([3, 9, 1])
-    assert host_max(t) == 9 and host_max([4, 2]) == 4 and host_max(5) == 5
+    assert budget_max(t, None, "v_max") == 9 and budget_max([4, 2], None, "v_max") == 4
+    assert budget_max(5, None, "v_max") == 5 and budget_max(t, 12, "v_max") == 12
