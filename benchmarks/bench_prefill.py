@@ -1,0 +1,153 @@
+"""Whole-model prefill (section 2 of BENCHMARKS.md): time to first token, dense vs minference.
+
+Llama-3-8B architecture with random bf16 weights created on the GPU, one forward with
+``logits_to_keep=1`` and ``use_cache=False``. Dense baseline: eager SDPA with the cuDNN backend
+selected explicitly (the fastest dense way that fits in memory, see BENCHMARKS.md). Ours:
+``torch.compile(model, backend="minference", dynamic=True)`` compiled once for all lengths, with
+  - ``vs``: the default vertical-slash plan, positions estimated on the benchmark's own Q/K
+    (random weights: attention has no structure, estimated slashes scatter, and the op's
+    max_density guard falls back to dense where that is faster);
+  - ``ashape``: A-shape (128, 3968) on every head (static, input independent).
+Compile time is reported separately, not inside TTFT. Writes JSON rows and a PNG plot.
+
+    python benchmarks/bench_prefill.py --lengths 32768 65536 131072 --layers 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+
+def build(layers: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=1 << 20, rope_theta=500000.0)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    return model.eval()
+
+
+def ttft(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[(len(times) - 1) // 2]  # median (the lower one for an even count)
+
+
+def main() -> None:
+    import mif_compile
+    from mif_compile import HeadPattern
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--lengths", type=int, nargs="+", default=[32768, 65536, 131072])
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--plans", nargs="+", default=["vs", "ashape"])
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    p.add_argument("--tag", default="")
+    args = p.parse_args()
+    gpu = torch.cuda.get_device_name()
+    model = build(args.layers)
+    plans = {"vs": HeadPattern.vertical_slash(1000, 6096), "ashape": HeadPattern.a_shape(128, 3968)}
+    rows = []
+
+    def run(m, ids):
+        with torch.no_grad():
+            return m(ids, logits_to_keep=1, use_cache=False).logits
+
+    compiled = {}
+    for name in args.plans:
+        compiled[name] = torch.compile(model, backend=mif_compile.backend(default_pattern=plans[name]), dynamic=True)
+
+    # warm-up and compile at a short length (compile time reported separately)
+    warm = torch.randint(0, 128256, (1, 8192), device="cuda")
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        run(model, warm)
+    compile_s = {}
+    for name, m in compiled.items():
+        t0 = time.perf_counter()
+        run(m, warm)
+        torch.cuda.synchronize()
+        compile_s[name] = time.perf_counter() - t0
+    print(f"# {gpu}, Llama-3-8B shape, {args.layers} layers, bf16, batch 1; compile (s): {compile_s}")
+    print(mif_compile.last_report())
+    print(f"{'N':>8} {'plan':>7} {'dense s':>8} {'ours s':>8} {'speedup':>8} {'dense GB':>9} {'ours GB':>8} density")
+    for n in args.lengths:
+        ids = torch.randint(0, 128256, (1, n), device="cuda")
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                t_dense = ttft(lambda: run(model, ids), args.repeats)
+            mem_dense = torch.cuda.max_memory_allocated() / 1e9
+        except torch.OutOfMemoryError:
+            t_dense, mem_dense = float("nan"), float("nan")
+            torch.cuda.empty_cache()
+        for name, m in compiled.items():
+            with mif_compile.ops.collect_stats() as stats:
+                run(m, ids)  # untimed: densities per layer (one host read per layer)
+            torch.cuda.reset_peak_memory_stats()
+            t = ttft(lambda: run(m, ids), args.repeats)
+            mem = torch.cuda.max_memory_allocated() / 1e9
+            dens = [s["density"] for s in stats]
+            fell = sum(s["fell_back_to_dense"] for s in stats)
+            row = dict(bench="prefill", gpu=gpu, torch=torch.__version__, layers=args.layers, seq_len=n, plan=name,
+                       dense_s=t_dense, ours_s=t, speedup=t_dense / t, dense_peak_gb=mem_dense, ours_peak_gb=mem,
+                       mean_density=sum(dens) / max(len(dens), 1), dense_fallback_layers=fell,
+                       compile_s=compile_s[name])
+            rows.append(row)
+            print(f"{n:>8} {name:>7} {t_dense:8.3f} {t:8.3f} {t_dense / t:7.2f}x {mem_dense:9.1f} {mem:8.1f} "
+                  f"{row['mean_density']:.3f} (dense fallback in {fell}/{len(stats)} layers)", flush=True)
+        del ids
+        torch.cuda.empty_cache()
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"bench_prefill{args.tag}")
+    with open(stem + ".json", "w") as f:
+        json.dump(rows, f, indent=1)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+        for name in args.plans:
+            r = [x for x in rows if x["plan"] == name]
+            ax[0].plot([x["seq_len"] for x in r], [x["ours_s"] for x in r], "o-", label=f"minference ({name})")
+            ax[1].plot([x["seq_len"] for x in r], [x["speedup"] for x in r], "o-", label=name)
+        r = [x for x in rows if x["plan"] == args.plans[0]]
+        ax[0].plot([x["seq_len"] for x in r], [x["dense_s"] for x in r], "s--", label="dense (eager SDPA, cuDNN)")
+        for a in ax:
+            a.set_xscale("log", base=2)
+            a.set_xlabel("prompt tokens")
+            a.legend()
+        ax[0].set_yscale("log")
+        ax[0].set_ylabel("TTFT (s)")
+        ax[1].set_ylabel("speedup over dense")
+        ax[1].axhline(1.0, color="gray", lw=0.5)
+        fig.suptitle(f"Prefill, Llama-3-8B shape ({args.layers} layers), {gpu}")
+        fig.tight_layout()
+        fig.savefig(stem + ".png", dpi=120)
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    main()
