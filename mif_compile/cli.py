@@ -1,35 +1,281 @@
-"""``mif-compile`` / ``python -m mif_compile``: plan tooling.
+"""``mif-compile`` / ``python -m mif_compile``: pattern search and plan tooling.
 
-    mif-compile show PLAN.json                 per-layer summary of a plan (ours or MInference's)
+    mif-compile search --model PATH|tiny|random:layers=32,heads=32 [--text FILE] [--seq-len N] [--out plan.json]
+    mif-compile show PLAN.json [--plot OUT.png [--head L:H --model ... --seq-len N]]
     mif-compile convert IN.json OUT.json [--to minference|ours]
+
+``search`` captures each layer's q/k through the minference backend on one calibration prefill and
+writes a per-layer, per-head plan with the recall of each choice (see ``mif_compile.search``); it
+resumes from ``OUT.search/`` when interrupted. ``show`` prints a per-layer summary of a plan (ours or
+MInference's JSON), ``--plot`` draws it, and ``--head`` also draws one head's attention map with the
+kept blocks and columns over it (this needs the model and the calibration input again).
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import sys
+from typing import Any
 
-from .config import ConfigError, load_plan, save_plan
+import torch
+
+from .config import ConfigError, ModelPlan, load_plan, save_plan
+
+_TINY = dict(layers=2, heads=4, kv_heads=2, hidden=64, intermediate=96, vocab=96)
+_RANDOM = dict(layers=32, heads=32, kv_heads=8, head_dim=128, hidden=4096, intermediate=1024, vocab=1024)
+
+
+# ---------------------------------------------------------------------------------------------
+# models and calibration input
+
+
+def _random_llama(spec: str, device: str, dtype: torch.dtype, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    base = dict(_TINY) if spec == "tiny" else dict(_RANDOM)
+    _, _, rest = spec.partition(":")
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        if key not in _RANDOM:
+            raise ConfigError(f"--model {spec}: unknown key {key!r}; known: {sorted(_RANDOM)}")
+        try:
+            base[key] = int(value)
+        except ValueError:
+            raise ConfigError(f"--model {spec}: {key} must be an integer, got {value!r}") from None
+    cfg = LlamaConfig(vocab_size=base["vocab"], hidden_size=base["hidden"], intermediate_size=base["intermediate"],
+                      num_hidden_layers=base["layers"], num_attention_heads=base["heads"],
+                      num_key_value_heads=base["kv_heads"], max_position_embeddings=1 << 20,
+                      **({"head_dim": base["head_dim"]} if "head_dim" in base else {}))
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg)
+    return model.to(dtype).eval()
+
+
+def load_model(spec: str, device: str, dtype: torch.dtype, seed: int = 0):
+    """(model, tokenizer or None): ``tiny`` / ``random:key=value,...`` build a random Llama in code."""
+    if spec == "tiny" or spec.startswith("random"):
+        return _random_llama(spec, device, dtype, seed), None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec)
+    except (OSError, ValueError):
+        tokenizer = None
+    return model, tokenizer
+
+
+def synthetic_text(n_pairs: int, seed: int = 0) -> str:
+    """A key-value retrieval prompt like the InfiniteBench sample MInference calibrated on."""
+    rng = random.Random(seed)
+    uid = lambda: "-".join("".join(rng.choice("0123456789abcdef") for _ in range(n)) for n in (8, 4, 4, 4, 12))  # noqa: E731
+    pairs = [(uid(), uid()) for _ in range(n_pairs)]
+    body = ", ".join(f'"{k}": "{v}"' for k, v in pairs)
+    key = pairs[rng.randrange(n_pairs)][0] if pairs else ""
+    return ("Extract the value corresponding to the specified key in the JSON object below.\n\n"
+            f"JSON data:\n{{{body}}}\n\nKey: \"{key}\"\nThe value associated with the specified key is: ")
+
+
+def calibration_ids(model, tokenizer, seq_len: int, text_file: str | None, seed: int = 0) -> torch.Tensor:
+    """[1, seq_len] token ids: the text file, or the synthetic prompt; repeated when too short."""
+    vocab = model.config.vocab_size
+    if text_file is not None:
+        with open(text_file, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        if tokenizer is not None:
+            ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        else:  # random models have no tokenizer: bytes modulo the vocabulary
+            ids = [b % vocab for b in text.encode("utf-8")]
+    elif tokenizer is not None:
+        n_pairs = max(1, seq_len // 30)  # about 40 tokens per pair: usually long enough at once
+        ids = tokenizer(synthetic_text(n_pairs, seed), add_special_tokens=True)["input_ids"]
+        while len(ids) < seq_len:
+            n_pairs *= 2
+            ids = tokenizer(synthetic_text(n_pairs, seed), add_special_tokens=True)["input_ids"]
+        tail = min(32, seq_len // 4)  # keep the question at the end
+        ids = ids[: seq_len - tail] + ids[len(ids) - tail:]
+    else:
+        g = torch.Generator().manual_seed(seed)
+        return torch.randint(0, vocab, (1, seq_len), generator=g)
+    if not ids:
+        raise ConfigError(f"{text_file}: the calibration text is empty")
+    if len(ids) < seq_len:
+        print(f"mif-compile: the calibration text has {len(ids)} tokens; repeated to {seq_len}", file=sys.stderr)
+        ids = (ids * (seq_len // len(ids) + 1))
+    return torch.tensor([ids[:seq_len]], dtype=torch.long)
+
+
+def _model_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--model", required=required,
+                   help="HF model path, 'tiny' (2-layer random Llama) or 'random:layers=32,heads=32,kv_heads=8,"
+                        "head_dim=128,hidden=4096,intermediate=1024,vocab=1024'")
+    p.add_argument("--text", help="calibration text file (default: a synthetic key-value retrieval prompt)")
+    p.add_argument("--seq-len", type=int, default=None, help="calibration length (default 32768 on GPU, 4096 on CPU)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                   help="default bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _load_inputs(args):
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+    n = args.seq_len or (32768 if args.device.startswith("cuda") else 4096)
+    model, tok = load_model(args.model, args.device, dtype, args.seed)
+    ids = calibration_ids(model, tok, n, args.text, args.seed).to(args.device)
+    return model, ids
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+
+
+def _cmd_search(args) -> None:
+    from .search import SearchSettings, parse_candidates, search
+
+    kwargs: dict[str, Any] = dict(rule=args.rule, target=args.target, max_cost=args.max_cost, lam=args.lam,
+                                  n_last=args.rows_last, n_spread=args.rows_spread, min_row=args.min_row,
+                                  cost=args.cost, block_m=args.block_m, last_q=args.last_q)
+    if args.candidates:
+        kwargs["candidates"] = parse_candidates(args.candidates)
+    settings = SearchSettings(**kwargs)
+    model, ids = _load_inputs(args)
+    result = search(model, ids, settings=settings, out=args.out, state_dir=args.state, progress=not args.no_progress,
+                    forward_kwargs={"use_cache": False, "logits_to_keep": 1}, inductor=args.inductor,
+                    model_name=args.model)
+    if result.resumed:
+        print(f"resumed: layer(s) {result.resumed} read from {args.state or args.out + '.search'}")
+    print(summary(result.plan))
+    print(f"wrote {args.out}")
+    if args.minference_out:
+        save_plan(result.plan, args.minference_out, minference_format=True)
+        print(f"wrote {args.minference_out} (MInference format)")
+
+
+def summary(plan: ModelPlan) -> str:
+    """Per layer: pattern counts and, when the plan has them, mean and lowest recall."""
+    if plan.layers is None:
+        return plan.summary()
+    lines = []
+    for line, layer in zip(plan.summary().splitlines(), plan.layers):
+        scores = [hp.score for hp in layer if hp.score is not None]
+        if scores:
+            line += f"  | recall mean {sum(scores) / len(scores):.3f} min {min(scores):.3f}"
+        lines.append(line)
+    counts: dict[str, int] = {}
+    for layer in plan.layers:
+        for hp in layer:
+            counts[hp.pattern.value] = counts.get(hp.pattern.value, 0) + 1
+    total = sum(counts.values())
+    lines.append(f"{len(plan.layers)} layers, {total} heads: "
+                 + ", ".join(f"{p} {n} ({100 * n / total:.0f}%)" for p, n in sorted(counts.items())))
+    return "\n".join(lines)
+
+
+def _parse_head(s: str) -> tuple[int, int]:
+    try:
+        layer, head = (int(x) for x in s.split(":"))
+    except ValueError:
+        raise ConfigError(f"--head must be LAYER:HEAD, like 3:17, got {s!r}") from None
+    return layer, head
+
+
+def _cmd_show(args) -> None:
+    plan = load_plan(args.plan)
+    print(summary(plan))
+    if args.plot is None:
+        if args.head is not None:
+            raise ConfigError("--head draws into --plot's file: give --plot OUT.png too")
+        return
+    from .plot import plot_head, plot_plan
+
+    plot_plan(plan, args.plot)
+    print(f"wrote {args.plot}")
+    if args.head is None:
+        return
+    layer, head = _parse_head(args.head)
+    if args.model is None:
+        raise ConfigError("--head needs --model (and the calibration options) to compute the attention map")
+    if plan.layers is not None and not (0 <= layer < len(plan.layers) and 0 <= head < len(plan.layers[layer])):
+        raise ConfigError(f"--head {args.head}: the plan has no layer {layer}, head {head}")
+    hp = plan.layers[layer][head] if plan.layers is not None else plan.default
+    from .search import capture_backend, capture_qk, model_counts
+
+    model, ids = _load_inputs(args)
+    n_layers, n_heads = model_counts(model)
+    kept: dict = {}
+
+    def grab(i, q, k, v, scale):
+        if i == layer:
+            g = q.shape[1] // k.shape[1]
+            kept["qk"] = (q[:, head:head + 1].clone(), k[:, head // g:head // g + 1].clone(), scale)
+
+    compiled = torch.compile(model, backend=capture_backend(n_layers, n_heads))
+    with torch.no_grad(), capture_qk(grab):
+        compiled(ids, use_cache=False, logits_to_keep=1)
+    if "qk" not in kept:
+        raise ConfigError(f"layer {layer} was not captured (the backend left it dense)")
+    q, k, scale = kept["qk"]
+    stem, dot, ext = args.plot.rpartition(".")
+    path = f"{stem}_L{layer}_H{head}.{ext}" if dot else f"{args.plot}_L{layer}_H{head}.png"
+    title = f"layer {layer}, head {head}: {hp.describe()}" + (f", recall {hp.score:.3f}" if hp.score is not None else "")
+    plot_head(q, k, hp, path, scale=scale, title=title)
+    print(f"wrote {path}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mif-compile", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    show = sub.add_parser("show", help="print a per-layer summary of a plan")
+
+    srch = sub.add_parser("search", help="choose each head's pattern on one calibration prefill")
+    _model_args(srch, required=True)
+    srch.add_argument("--out", default="plan.json", help="plan file to write (default plan.json)")
+    srch.add_argument("--state", default=None, help="per-layer results, for resuming (default OUT.search/)")
+    srch.add_argument("--minference-out", default=None, help="also write the plan in MInference's JSON format")
+    srch.add_argument("--candidates", nargs="+", default=None,
+                      help="e.g. a_shape:128,3968 vertical_slash:1000,6096 block_sparse:100 dense")
+    srch.add_argument("--rule", choices=("target", "budget", "tradeoff"), default="target",
+                      help="target: cheapest reaching --target recall; budget: best recall costing <= "
+                           "--max-cost; tradeoff: max recall - lam*cost")
+    srch.add_argument("--target", type=float, default=0.95)
+    srch.add_argument("--max-cost", type=float, default=0.1, help="share of dense (rule budget)")
+    srch.add_argument("--lam", type=float, default=1.0)
+    srch.add_argument("--cost", choices=("auto", "pairs", "time"), default="auto",
+                      help="pairs: kept-key count; time: measured kernel time (CUDA); auto: time on CUDA")
+    srch.add_argument("--rows-last", type=int, default=128, help="sampled query rows at the end")
+    srch.add_argument("--rows-spread", type=int, default=384, help="sampled query rows spread over the prompt")
+    srch.add_argument("--min-row", type=int, default=None, help="first sampled row (default N/8)")
+    srch.add_argument("--last-q", type=int, default=64)
+    srch.add_argument("--block-m", type=int, default=64, choices=(64, 128))
+    srch.add_argument("--inductor", action="store_true", help="compile the rest of the model with Inductor")
+    srch.add_argument("--no-progress", action="store_true")
+
+    show = sub.add_parser("show", help="print a per-layer summary of a plan (ours or MInference's)")
     show.add_argument("plan")
+    show.add_argument("--plot", default=None, metavar="OUT.png", help="draw patterns and recall per layer/head")
+    show.add_argument("--head", default=None, metavar="L:H",
+                      help="also draw this head's attention map and kept keys (OUT_L{L}_H{H}.png)")
+    _model_args(show, required=False)
+
     conv = sub.add_parser("convert", help="convert a plan between our JSON and MInference's")
     conv.add_argument("src")
     conv.add_argument("dst")
     conv.add_argument("--to", choices=("ours", "minference"), default="ours")
     args = parser.parse_args(argv)
+    from .search import SearchError
+
     try:
-        plan = load_plan(args.plan if args.cmd == "show" else args.src)
-        if args.cmd == "show":
-            print(plan.summary())
+        if args.cmd == "search":
+            _cmd_search(args)
+        elif args.cmd == "show":
+            _cmd_show(args)
         else:
+            plan = load_plan(args.src)
             save_plan(plan, args.dst, minference_format=args.to == "minference")
             print(f"wrote {args.dst} ({args.to} format, {plan.num_layers} layers)")
-    except ConfigError as e:
+    except (ConfigError, SearchError) as e:
         print(f"mif-compile: error: {e}", file=sys.stderr)
         return 2
     return 0
