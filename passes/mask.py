@@ -147,6 +147,14 @@ def _operand(n: fx.Node) -> Any:
     raise _Unprovable(f"{getattr(n.target, '__name__', n.target)} without a second operand")
 
 
+_METHOD_AS_FUNCTION = {
+    "__eq__": operator.eq, "__ne__": operator.ne, "__le__": operator.le, "__lt__": operator.lt,
+    "__ge__": operator.ge, "__gt__": operator.gt, "__and__": operator.and_, "__add__": operator.add,
+    "__sub__": operator.sub, "__getitem__": operator.getitem, "add": torch.add, "sub": torch.sub,
+    "logical_and": torch.logical_and, "bitwise_and": torch.bitwise_and,
+}
+
+
 class _Interp:
     def __init__(self) -> None:
         self.env: dict[fx.Node, Any] = {}
@@ -252,8 +260,8 @@ class _Interp:
             return self.call_method(n)
         raise _Unprovable(f"node {n.name} ({n.op})")
 
-    def call_function(self, n: fx.Node) -> Any:
-        t = n.target
+    def call_function(self, n: fx.Node, target: Any = None) -> Any:
+        t = n.target if target is None else target
         if t is torch.arange:
             args = list(n.args)
             if "end" in n.kwargs:
@@ -292,6 +300,8 @@ class _Interp:
 
     def call_method(self, n: fx.Node) -> Any:
         name = n.target
+        if name in _METHOD_AS_FUNCTION:  # x.__eq__(y), x.add(y), x.logical_and(y): same rules as the functions
+            return self.call_function(n, _METHOD_AS_FUNCTION[name])
         if name == "new_ones":  # only dtype matters, not the receiver's value
             if n.kwargs.get("dtype") == torch.bool:
                 return AConst(True)

@@ -563,3 +563,15 @@ def test_unreadable_ops_leave_the_site_dense():
 
     report, _, _ = compile_and_check(MaskSdpa(make), _qkv())
     assert_all_dense(report, "neg", n_sites=1)
+
+
+def _dunder_methods(n):  # what Dynamo records on torch 2.11 for transformers 5.17's masks
+    ki, qi = torch.arange(n)[None, :], torch.arange(n)[:, None]
+    same = ki.__sub__(ki).__eq__(qi.__sub__(qi))  # (k - k) == (q - q): True everywhere
+    return ki.__le__(qi).__and__(same)
+
+
+def test_dunder_method_masks_are_read():
+    report, _, _ = compile_and_check(MaskSdpa(_dunder_methods), _qkv())
+    (site,) = report.sites
+    assert site.rewritten and site.reason == "causal", site.reason
