@@ -100,3 +100,25 @@ def test_settings_and_candidate_parsing_errors():
         SearchSettings(candidates=(HP.dense(), HP.dense()))
     with pytest.raises(ValueError, match="target recall"):
         SearchSettings(target=1.5)
+
+
+def test_kernel_aware_cost_splits_measured_time_by_kept_pairs():
+    """cost "time": the candidate's measured time (all heads) over dense's, shared by kept pairs."""
+    q, k = _qk(300)
+    v = torch.randn_like(k)
+    times = iter([10.0, 3.0, 6.0, 2.0, 4.0, 5.0])  # dense first, then the sparse candidates in order
+    ran = []
+
+    def bench(fn):
+        out = fn()  # the timed function really runs the op's path
+        ran.append(out.shape if out is not None else None)
+        return next(times)
+
+    st = SearchSettings(candidates=CANDS, cost="time", n_last=16, n_spread=16)
+    got = score_layer(q, k, v, 0.25, st, bench=bench)
+    assert got.cost_kind == "time" and len(ran) == 6 and ran[1] == q.shape
+    cost = torch.tensor(got.cost, dtype=torch.float64)
+    torch.testing.assert_close(cost.mean(0), torch.tensor([0.3, 0.6, 0.2, 0.4, 0.5, 1.0], dtype=torch.float64))
+    for c, cand in enumerate(CANDS[:-1]):  # per head: in proportion to its kept pairs
+        pairs = K.count_kept_pairs(candidate_index(q, k, cand, scale=0.25), 300, 64)[0].double()
+        torch.testing.assert_close(cost[:, c] / cost[:, c].sum(), pairs / pairs.sum())

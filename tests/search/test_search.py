@@ -21,13 +21,6 @@ CANDS = (HP.a_shape(64, 256), HP.a_shape(128, 512), HP.vertical_slash(48, 100), 
 SETTINGS = SearchSettings(candidates=CANDS, cost="pairs")
 
 
-@pytest.fixture(scope="module")
-def planted():
-    model = PlantedModel(LAYOUT).eval()
-    ids = torch.randint(0, 64, (1, N), generator=torch.Generator().manual_seed(0))
-    return model, ids
-
-
 def test_capture_goes_through_the_backend(planted):
     model, ids = planted
     with torch.no_grad():
