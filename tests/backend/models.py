@@ -8,7 +8,8 @@ it is the oracle the compiled model must reproduce.
 from __future__ import annotations
 
 import torch
-from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (AttentionInterface, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM)
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from mif_compile.config import BackendConfig
@@ -32,7 +33,14 @@ def tiny_qwen2(seed: int = 0, **overrides) -> Qwen2ForCausalLM:
     return Qwen2ForCausalLM(cfg).eval()
 
 
-MODELS = {"llama": tiny_llama, "qwen2": tiny_qwen2}
+def tiny_mistral(seed: int = 0, **overrides) -> MistralForCausalLM:
+    torch.manual_seed(seed)
+    cfg = MistralConfig(**{**_COMMON, "sliding_window": None, **overrides})
+    cfg._attn_implementation = "sdpa"
+    return MistralForCausalLM(cfg).eval()
+
+
+MODELS = {"llama": tiny_llama, "qwen2": tiny_qwen2, "mistral": tiny_mistral}
 
 _CURRENT: dict = {}
 

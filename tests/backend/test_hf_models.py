@@ -167,3 +167,33 @@ def test_dense_fallback_when_the_index_is_nearly_dense():
             out = comp(ids).logits
     assert len(rows) == 2 and all(r["density"] > 0.5 and r["fell_back_to_dense"] for r in rows), rows
     torch.testing.assert_close(out, dense, atol=2e-5, rtol=2e-5)
+
+
+def test_static_cache_generate_is_exact():
+    model = MODELS["llama"]()
+    ids = _ids(n=200)
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=5, do_sample=False, cache_implementation="static")
+        model.forward = torch.compile(model.forward, backend="minference", dynamic=True,
+                                      options=dict(min_seq_len=0, default_pattern=FULL, inductor=False, max_density=1.0))
+        out = model.generate(ids, max_new_tokens=5, do_sample=False, cache_implementation="static")
+    assert torch.equal(out, ref)
+    reasons = [s.reason for r in mif_compile.reports() for s in r.sites]
+    # the prefill is rewritten when q_len == kv_len is proven, else left dense with the reason
+    assert all(r in ("causal", "causal+padding") or "q_len" in r or "decode" in r or "mask" in r for r in reasons), reasons
+
+
+def test_chunked_prefill_is_exact_and_reported():
+    from transformers import DynamicCache
+
+    model = MODELS["llama"]()
+    ids = _ids(n=300)
+    with torch.no_grad():
+        ref = model(ids).logits[:, -1]
+        comp = _compile(model, default_pattern=FULL)
+        cache = DynamicCache(config=model.config)
+        comp(ids[:, :150], past_key_values=cache, use_cache=True)
+        out = comp(ids[:, 150:], past_key_values=cache, use_cache=True).logits[:, -1]
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    second = mif_compile.last_report()
+    assert not second.rewritten and all("q_len != kv_len" in s.reason for s in second.dense), second.format()
