@@ -178,9 +178,12 @@ def test_static_cache_generate_is_exact():
                                       options=dict(min_seq_len=0, default_pattern=FULL, inductor=False, max_density=1.0))
         out = model.generate(ids, max_new_tokens=5, do_sample=False, cache_implementation="static")
     assert torch.equal(out, ref)
-    reasons = [s.reason for r in mif_compile.reports() for s in r.sites]
-    # the prefill is rewritten when q_len == kv_len is proven, else left dense with the reason
-    assert all(r in ("causal", "causal+padding") or "q_len" in r or "decode" in r or "mask" in r for r in reasons), reasons
+    sites = [s for r in mif_compile.reports() for s in r.sites]
+    # the prefill is rewritten where q_len == kv_len is proven (transformers 5.23), else left dense
+    # with its reason (5.17 attends over the preallocated cache: "q_len != kv_len")
+    assert all(s.reason in ("causal", "causal+padding") for s in sites if s.rewritten)
+    assert all(s.reason for s in sites if not s.rewritten)
+    assert any(s.rewritten or "q_len != kv_len" in s.reason for s in sites), [s.reason for s in sites]
 
 
 def test_chunked_prefill_is_exact_and_reported():
