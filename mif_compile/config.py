@@ -368,7 +368,7 @@ class BackendConfig:
     min_seq_len: int = 32768
     default_pattern: HeadPattern | None = None
     last_q: int = 64
-    block_m: int = 64
+    block_m: int = 128
     impl: str = "auto"
     max_density: float = 0.6
 

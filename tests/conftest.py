@@ -1,7 +1,17 @@
-"""Tests marked ``cuda`` run only where a CUDA GPU is present (CI has none; run them on the GPU)."""
+"""Tests marked ``cuda`` run only where a CUDA GPU is present (CI has none; run them on the GPU).
+
+Without CUDA the Triton kernels run in Triton's interpreter. TRITON_INTERPRET is read when a kernel
+module's ``@triton.jit`` runs, so it is set here, before any test module can import one (a kernel
+imported first without it cannot run on the CPU at all).
+"""
+
+import os
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

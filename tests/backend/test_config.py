@@ -362,7 +362,7 @@ def test_load_plan_missing_file(tmp_path):
 def test_from_options_defaults():
     cfg = BackendConfig.from_options(None)
     assert cfg == BackendConfig() == BackendConfig.from_options({})
-    assert cfg.min_seq_len == 32768 and cfg.block_m == 64 and cfg.last_q == 64 and cfg.impl == "auto"
+    assert cfg.min_seq_len == 32768 and cfg.block_m == 128 and cfg.last_q == 64 and cfg.impl == "auto"
     assert cfg.plan == ModelPlan() and cfg.default_pattern == HeadPattern.vertical_slash()
 
 
