@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .config import PATTERN_FROM_CODE, HeadPattern, Pattern, clamp_budget
 
-__all__ = ["sparse_attention", "dense_attention", "run_layer", "encode_heads", "kept_density", "collect_stats", "BLOCK_N"]
+__all__ = ["sparse_attention", "dense_attention", "run_layer", "encode_heads", "build_layer_index", "kept_density", "collect_stats", "BLOCK_N"]
 
 BLOCK_N = 64  # key granularity of every pattern (contract: docs/kernel-contract.md)
 
@@ -177,15 +177,50 @@ def run_layer(
     n = q.shape[2]
     if n < max(min_seq_len, 2) or all(c == Pattern.DENSE.code for c in patterns):
         return dense_attention(q, k, v, key_padding, scale)
+    index = build_layer_index(q, k, key_padding, scale, patterns, budget0, budget1, last_q, block_m, impl)
+    if max_density < 1.0 and not _capturing(q):
+        # one tiny device->host read per layer: when the estimated index keeps most causal pairs
+        # (e.g. scattered slashes on unstructured attention), dense SDPA is the faster kernel
+        density = float(kept_density(index, n, block_m))
+        _record_stat(n, density, density > max_density)
+        if density > max_density:
+            return dense_attention(q, k, v, key_padding, scale)
+    elif _STATS is not None:
+        _record_stat(n, float(kept_density(index, n, block_m)), False)
     from . import kernels as K
 
+    out = K.sparse_attention(
+        q, k, v, index, scale=scale, block_m=block_m, block_n=BLOCK_N, key_padding=key_padding, impl=impl
+    )
+    return out.contiguous()
+
+
+def build_layer_index(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    key_padding: Optional[torch.Tensor],
+    scale: float,
+    patterns: Sequence[int],
+    budget0: Sequence[int],
+    budget1: Sequence[int],
+    last_q: int = 64,
+    block_m: int = 128,
+    impl: str = "auto",
+    vs_scores: Optional[tuple] = None,
+):
+    """The unified sparse index of one layer (all heads, their patterns mixed): estimation, top-k and
+    index building as the op runs them. ``vs_scores`` reuses a ``vertical_slash_scores`` result."""
+    from . import kernels as K
+
+    n = q.shape[2]
     lp = _layer_plan(tuple(patterns), tuple(budget0), tuple(budget1), n, block_m)
     t = _plan_tensors(lp, q.device)
     b, h = q.shape[0], q.shape[1]
     index = None
     if lp.has_vs_like:
         if lp.has_vs:
-            col, diag = K.vertical_slash_scores(q, k, last_q=last_q, scale=scale, key_padding=key_padding, impl=impl)
+            col, diag = vs_scores if vs_scores is not None else K.vertical_slash_scores(
+                q, k, last_q=last_q, scale=scale, key_padding=key_padding, impl=impl)
             v_idx, s_off = K.vertical_slash_topk(col, diag, t["v_count"], t["s_count"],
                                                  v_max=max(lp.v_count), s_max=max(lp.s_count))
         else:
@@ -203,19 +238,7 @@ def run_layer(
         blk = K.block_sparse_topk(q, k, t["top_k"], key_padding=key_padding, k_max=max(lp.top_k), impl=impl)
         bs_index = K.build_bs_index(blk, seq_len=n, block_m=block_m, block_n=BLOCK_N, cap_s=lp.cap_bs, impl=impl)
         index = bs_index if index is None else _merge_index(index, bs_index, t["is_bs"])
-    if max_density < 1.0 and not _capturing(q):
-        # one tiny device->host read per layer: when the estimated index keeps most causal pairs
-        # (e.g. scattered slashes on unstructured attention), dense SDPA is the faster kernel
-        density = float(kept_density(index, n, block_m))
-        _record_stat(n, density, density > max_density)
-        if density > max_density:
-            return dense_attention(q, k, v, key_padding, scale)
-    elif _STATS is not None:
-        _record_stat(n, float(kept_density(index, n, block_m)), False)
-    out = K.sparse_attention(
-        q, k, v, index, scale=scale, block_m=block_m, block_n=BLOCK_N, key_padding=key_padding, impl=impl
-    )
-    return out.contiguous()
+    return index
 
 
 def kept_density(index, n: int, block_m: int) -> torch.Tensor:

@@ -271,33 +271,14 @@ def candidate_index(q, k, cand: HeadPattern, *, scale: float, last_q: int = 64, 
     q: [B, H, N, D], k: [B, Hkv, N, D]. ``vs_scores``: (col, diag) of ``vertical_slash_scores``,
     reused across vertical-slash candidates when given.
     """
-    from . import kernels as K
+    from .ops import build_layer_index, encode_heads
 
-    B, H, N, _ = q.shape
-    p = cand.pattern
-    if p is Pattern.DENSE:
+    if cand.pattern is Pattern.DENSE:
         return None
-    budget = clamp_budget(p, cand.budget, N)
-    n_blocks = math.ceil(N / BLOCK_N)
-    per_head = lambda x: torch.full((H,), x, dtype=torch.int64)  # noqa: E731
-    if p is Pattern.VERTICAL_SLASH:
-        v, s = budget
-        col, diag = vs_scores if vs_scores is not None else _estimate_vs(q, k, scale, last_q, impl)
-        v_idx, s_off = K.vertical_slash_topk(col, diag, per_head(v), per_head(s))
-        cap_s = min(s * (block_m // BLOCK_N + 1) + 1, n_blocks + 1)
-        return K.build_vs_index(v_idx, s_off, per_head(0).to(q.device), seq_len=N, block_m=block_m,
-                                cap_s=cap_s, cap_v=max(1, v), impl=impl)
-    if p is Pattern.A_SHAPE:
-        n_init, n_local = budget
-        s_off = torch.arange(n_local, dtype=torch.int32, device=q.device).expand(B, H, n_local).contiguous()
-        v_idx = torch.full((B, H, 1), -1, dtype=torch.int32, device=q.device)
-        cap_s = min(math.ceil((n_local + block_m) / BLOCK_N) + math.ceil(n_init / BLOCK_N) + 2, n_blocks + 1)
-        return K.build_vs_index(v_idx, s_off, per_head(n_init).to(q.device), seq_len=N, block_m=block_m,
-                                cap_s=cap_s, cap_v=1, impl=impl)
-    (top_k,) = budget
-    blk = K.block_sparse_topk(q, k, per_head(top_k), impl=impl)
-    return K.build_bs_index(blk, seq_len=N, block_m=block_m, cap_s=min(top_k * (block_m // BLOCK_N), n_blocks),
-                            impl=impl)
+    codes, b0, b1 = encode_heads((cand,) * q.shape[1])
+    if cand.pattern is Pattern.VERTICAL_SLASH and vs_scores is None:
+        vs_scores = _estimate_vs(q, k, scale, last_q, impl)
+    return build_layer_index(q, k, None, scale, codes, b0, b1, last_q, block_m, impl, vs_scores=vs_scores)
 
 
 def _estimation_pairs(cand: HeadPattern, n: int, last_q: int) -> float:
