@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .config import BackendConfig, ConfigError, HeadPattern, Pattern
+from .config import BackendConfig, HeadPattern, Pattern
 from .report import CompileReport, _record
 
 __all__ = ["minference", "backend"]

@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
-from .config import ConfigError, HeadPattern, ModelPlan, Pattern, clamp_budget, save_plan
+from .config import ConfigError, HeadPattern, ModelPlan, Pattern, save_plan
 
 __all__ = [
     "DEFAULT_CANDIDATES",
