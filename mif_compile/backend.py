@@ -78,6 +78,8 @@ def minference(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, mode:
     opts = dict(options or {})
     opts.update(kwargs)
     inductor = bool(opts.pop("inductor", True))
+    # torch.compile takes mode= or options=, not both: options may carry the Inductor mode too
+    mode = opts.pop("mode", mode)
     cfg = BackendConfig.from_options(opts)
     return compile_graph(gm, example_inputs, cfg, mode=mode, inductor=inductor)
 

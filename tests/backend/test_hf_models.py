@@ -200,3 +200,21 @@ def test_chunked_prefill_is_exact_and_reported():
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
     second = mif_compile.last_report()
     assert not second.rewritten and all("q_len != kv_len" in s.reason for s in second.dense), second.format()
+
+
+def test_options_may_carry_the_inductor_mode(monkeypatch):
+    import sys
+
+    seen = {}
+    mod = sys.modules["mif_compile.backend"]
+    real = mod.compile_graph
+
+    def spy(gm, example_inputs, cfg, *, mode=None, inductor=True):
+        seen["mode"], seen["min_seq_len"] = mode, cfg.min_seq_len
+        return real(gm, example_inputs, cfg, mode=mode, inductor=False)
+
+    monkeypatch.setattr(mod, "compile_graph", spy)
+    model = MODELS["llama"]()
+    with torch.no_grad():
+        torch.compile(model, backend="minference", options=dict(mode="max-autotune-no-cudagraphs", min_seq_len=7))(_ids())
+    assert seen == {"mode": "max-autotune-no-cudagraphs", "min_seq_len": 7}
