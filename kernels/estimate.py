@@ -38,22 +38,6 @@ def _scores(q, K, kk, rows, ql_rows_ok, N, PAD, b, stride_kn, offs_d, qk_scale, 
 
 
 @triton.jit
-def _last_queries(Q, K, bh, H, N, QL, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
-                  GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BQ: tl.constexpr):
-    # the last QL query rows of (batch, head) bh and the base pointer of its kv head (GQA)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    r = tl.arange(0, BQ)
-    rows = N - QL + r
-    rok = r < QL
-    offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :],
-                mask=rok[:, None], other=0.0)
-    Kb = K + b * stride_kb + (h // GROUPS) * stride_kh
-    return b, r, rows, rok, offs_d, q, Kb
-
-
-@triton.jit
 def _row_stats_kernel(
     Q, K, PAD, Mx, Lx,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
@@ -63,8 +47,15 @@ def _row_stats_kernel(
 ):
     bh = tl.program_id(0)
     sp = tl.program_id(1)
-    b, r, rows, rok, offs_d, q, Kb = _last_queries(Q, K, bh, H, N, QL, stride_qb, stride_qh, stride_qn,
-                                                   stride_kb, stride_kh, GROUPS, HEAD_DIM, BQ)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    r = tl.arange(0, BQ)
+    rows = N - QL + r
+    rok = r < QL
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :],
+                mask=rok[:, None], other=0.0)
+    Kb = K + b * stride_kb + (h // GROUPS) * stride_kh
     m_i = tl.full([BQ], float("-inf"), tl.float32)
     l_i = tl.zeros([BQ], tl.float32)
     k_lo = sp * keys_per_split
@@ -90,8 +81,12 @@ def _col_diag_kernel(
 ):
     bh = tl.program_id(0)
     t = tl.program_id(1)
-    b, r, rows, rok, offs_d, q, Kb = _last_queries(Q, K, bh, H, N, QL, stride_qb, stride_qh, stride_qn,
-                                                   stride_kb, stride_kh, GROUPS, HEAD_DIM, BQ)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    r = tl.arange(0, BQ)
+    rows = N - QL + r
+    rok = r < QL
+    offs_d = tl.arange(0, HEAD_DIM)
     # combine the row statistics of the splits
     sp = tl.arange(0, SPLIT)
     st = (bh * SPLIT + sp[:, None]) * BQ + r[None, :]
@@ -102,6 +97,9 @@ def _col_diag_kernel(
     l_row = tl.sum(ls * tl.math.exp2(ms - m_use[None, :]), 0)
     inv_l = tl.where(l_row > 0.0, 1.0 / tl.where(l_row > 0.0, l_row, 1.0), 0.0)
 
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :],
+                mask=rok[:, None], other=0.0)
+    Kb = K + b * stride_kb + (h // GROUPS) * stride_kh
     o0 = t * TILE_O
     c = tl.arange(0, KW)
     kk = N - o0 - KW + c
