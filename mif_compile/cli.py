@@ -3,6 +3,7 @@
     mif-compile search --model PATH|tiny|random:layers=32,heads=32 [--text FILE] [--seq-len N] [--out plan.json]
     mif-compile show PLAN.json [--plot OUT.png [--head L:H --model ... --seq-len N]]
     mif-compile convert IN.json OUT.json [--to minference|ours]
+    mif-compile eval --model PATH|builtin [--lengths ...] [--config plan.json] ...   (mif_compile.evaluate)
 
 ``search`` captures each layer's q/k through the minference backend on one calibration prefill and
 writes a per-layer, per-head plan with the recall of each choice (see ``mif_compile.search``); it
@@ -226,6 +227,11 @@ def _cmd_show(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["eval"]:  # the evaluation harness has its own parser
+        from .evaluate import main as eval_main
+
+        return eval_main(argv[1:])
     parser = argparse.ArgumentParser(prog="mif-compile", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
 
@@ -248,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     srch.add_argument("--rows-spread", type=int, default=384, help="sampled query rows spread over the prompt")
     srch.add_argument("--min-row", type=int, default=None, help="first sampled row (default N/8)")
     srch.add_argument("--last-q", type=int, default=64)
-    srch.add_argument("--block-m", type=int, default=64, choices=(64, 128))
+    srch.add_argument("--block-m", type=int, default=64, choices=(64, 128),
+                      help="query block of the scored index (default 64; the op runs 128, whose kept keys include those at 64 except a run's last-block overshoot, so recall is about a lower bound)")
     srch.add_argument("--inductor", action="store_true", help="compile the rest of the model with Inductor")
     srch.add_argument("--no-progress", action="store_true")
 
@@ -259,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                       help="also draw this head's attention map and kept keys (OUT_L{L}_H{H}.png)")
     _model_args(show, required=False)
 
+    sub.add_parser("eval", help="accuracy of dense vs sparse runs (see: mif-compile eval --help)")
     conv = sub.add_parser("convert", help="convert a plan between our JSON and MInference's")
     conv.add_argument("src")
     conv.add_argument("dst")

@@ -131,7 +131,9 @@ class SearchSettings:
     n_spread: int = 384  # ... and n_spread spread over [min_row, N)
     min_row: int | None = None  # None: N // 8
     last_q: int = 64  # vertical-slash probe, as the op's
-    block_m: int = 64  # query block of the index, as the op's
+    # query block of the scored index. The op runs 128 by default: its kept keys include those at 64
+    # except a run's last-block overshoot (< 64 keys), so recall scored at 64 is about a lower bound
+    block_m: int = 64
     cost: CostKind = CostKind.AUTO
     impl: str = "auto"
 
