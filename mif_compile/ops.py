@@ -169,7 +169,7 @@ def run_layer(
     budget1: Sequence[int],
     min_seq_len: int,
     last_q: int = 64,
-    block_m: int = 64,
+    block_m: int = 128,
     impl: str = "auto",
     max_density: float = 1.0,
 ) -> torch.Tensor:
@@ -178,15 +178,16 @@ def run_layer(
     if n < max(min_seq_len, 2) or all(c == Pattern.DENSE.code for c in patterns):
         return dense_attention(q, k, v, key_padding, scale)
     index = build_layer_index(q, k, key_padding, scale, patterns, budget0, budget1, last_q, block_m, impl)
-    if max_density < 1.0 and not _capturing(q):
-        # one tiny device->host read per layer: when the estimated index keeps most causal pairs
-        # (e.g. scattered slashes on unstructured attention), dense SDPA is the faster kernel
+    check = max_density < 1.0
+    if (check or _STATS is not None) and not _capturing(q):
+        # one tiny device->host read per layer (never while a CUDA graph is captured): when the
+        # estimated index keeps most causal pairs (e.g. scattered slashes on unstructured attention),
+        # dense SDPA is the faster kernel
         density = float(kept_density(index, n, block_m))
-        _record_stat(n, density, density > max_density)
-        if density > max_density:
+        fall_back = check and density > max_density
+        _record_stat(n, density, fall_back)
+        if fall_back:
             return dense_attention(q, k, v, key_padding, scale)
-    elif _STATS is not None:
-        _record_stat(n, float(kept_density(index, n, block_m)), False)
     from . import kernels as K
 
     out = K.sparse_attention(
