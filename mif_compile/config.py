@@ -410,20 +410,19 @@ class BackendConfig:
         """Build from torch.compile's ``options=`` dict; ``config`` is an alias of ``plan``."""
         opts = dict(options or {})
         opts.update(overrides)
+        cfg = None
         if "config" in opts:
             if "plan" in opts:
                 raise ConfigError("give either 'config' or 'plan', not both")
             cfg = opts.pop("config")
-            if isinstance(cfg, BackendConfig):
-                unknown = sorted(set(opts) - {f.name for f in dataclasses.fields(cls)})
-                if unknown:
-                    raise ConfigError(f"unknown option(s) {unknown}; known: {sorted({f.name for f in dataclasses.fields(cls)} | {'config'})}")
-                return dataclasses.replace(cfg, **opts) if opts else cfg
-            opts["plan"] = cfg
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(opts) - fields)
         if unknown:
             raise ConfigError(f"unknown option(s) {unknown}; known: {sorted(fields | {'config'})}")
+        if isinstance(cfg, BackendConfig):
+            return dataclasses.replace(cfg, **opts) if opts else cfg
+        if cfg is not None:
+            opts["plan"] = cfg
         return cls(**opts)
 
 
