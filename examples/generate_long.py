@@ -11,26 +11,20 @@ the time to first token of both, the tokens, and the report of rewritten sites.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 import mif_compile
-from quickstart import build_model
+from quickstart import build_model, timed
 
 
 def ttft_and_tokens(model, ids, new_tokens: int, device: str):
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
+    def first_token():
+        with torch.no_grad():
+            return model.generate(ids, max_new_tokens=1, do_sample=False)  # prefill + one step
 
+    _, ttft = timed(first_token, device, repeats=1)  # after a warm-up call (compilation)
     with torch.no_grad():
-        model.generate(ids[:, :256], max_new_tokens=2, do_sample=False)  # warm-up / compile small shapes
-        sync()
-        t0 = time.perf_counter()
-        model.generate(ids, max_new_tokens=1, do_sample=False)  # first token = prefill + 1 step
-        sync()
-        ttft = time.perf_counter() - t0
         out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
     return ttft, out[0, ids.shape[1]:].tolist()
 
