@@ -15,7 +15,7 @@ while [ $# -gt 0 ]; do
       timeout 200 python3 examples/quickstart.py --seq-len 65536 2>&1 | tee "$OUT/quickstart_gpu.log" | tail -12 ;;
     prefill) layers=$2; tag=$3; shift 3; lens=()
       while [ $# -gt 0 ] && [[ "$1" =~ ^[0-9]+$ ]]; do lens+=("$1"); shift; done
-      timeout 560 python3 benchmarks/bench_prefill.py --layers "$layers" --lengths "${lens[@]}" --repeats "${REPEATS:-1}" --plans ${PLANS:-vs ashape} \
+      timeout 560 python3 benchmarks/bench_prefill.py --layers "$layers" --lengths "${lens[@]}" --repeats "${REPEATS:-1}" --plans ${PLANS:-vs ashape} ${COMPILED_DENSE:+--compiled-dense} \
         --out "$OUT" --tag "$tag" 2>&1 | tee "$OUT/bench_prefill$tag.log" | grep -v "^  sparse" | tail -20 ;;
     *) echo "unknown step $1"; exit 2 ;;
   esac

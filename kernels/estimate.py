@@ -38,15 +38,10 @@ def _scores(q, K, kk, rows, ql_rows_ok, N, PAD, b, stride_kn, offs_d, qk_scale, 
 
 
 @triton.jit
-def _row_stats_kernel(
-    Q, K, PAD, Mx, Lx,
-    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-    qk_scale, N, QL, H, keys_per_split,
-    GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
-    SPLIT: tl.constexpr, HAS_PADDING: tl.constexpr,
-):
+def _last_queries(Q, K, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, N, QL, H,
+                  GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BQ: tl.constexpr):
+    # program (batch * head) -> its batch, the tile of the last QL queries, and its K head's base
     bh = tl.program_id(0)
-    sp = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     r = tl.arange(0, BQ)
@@ -56,6 +51,20 @@ def _row_stats_kernel(
     q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :],
                 mask=rok[:, None], other=0.0)
     Kb = K + b * stride_kb + (h // GROUPS) * stride_kh
+    return bh, b, r, rows, rok, offs_d, q, Kb
+
+
+@triton.jit
+def _row_stats_kernel(
+    Q, K, PAD, Mx, Lx,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    qk_scale, N, QL, H, keys_per_split,
+    GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+    SPLIT: tl.constexpr, HAS_PADDING: tl.constexpr,
+):
+    sp = tl.program_id(1)
+    bh, b, r, rows, rok, offs_d, q, Kb = _last_queries(
+        Q, K, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, N, QL, H, GROUPS, HEAD_DIM, BQ)
     m_i = tl.full([BQ], float("-inf"), tl.float32)
     l_i = tl.zeros([BQ], tl.float32)
     k_lo = sp * keys_per_split
@@ -79,14 +88,9 @@ def _col_diag_kernel(
     GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BQ: tl.constexpr, KW: tl.constexpr,
     TILE_O: tl.constexpr, SPLIT: tl.constexpr, HAS_PADDING: tl.constexpr,
 ):
-    bh = tl.program_id(0)
     t = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    r = tl.arange(0, BQ)
-    rows = N - QL + r
-    rok = r < QL
-    offs_d = tl.arange(0, HEAD_DIM)
+    bh, b, r, rows, rok, offs_d, q, Kb = _last_queries(
+        Q, K, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, N, QL, H, GROUPS, HEAD_DIM, BQ)
     # combine the row statistics of the splits
     sp = tl.arange(0, SPLIT)
     st = (bh * SPLIT + sp[:, None]) * BQ + r[None, :]
@@ -97,9 +101,6 @@ def _col_diag_kernel(
     l_row = tl.sum(ls * tl.math.exp2(ms - m_use[None, :]), 0)
     inv_l = tl.where(l_row > 0.0, 1.0 / tl.where(l_row > 0.0, l_row, 1.0), 0.0)
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :],
-                mask=rok[:, None], other=0.0)
-    Kb = K + b * stride_kb + (h // GROUPS) * stride_kh
     o0 = t * TILE_O
     c = tl.arange(0, KW)
     kk = N - o0 - KW + c

@@ -111,6 +111,28 @@ def test_generate_prefill_sparse_decode_dense():
     assert all("decode" in s.reason or "q_len" in s.reason for r in decode for s in r.dense)
 
 
+@pytest.mark.parametrize("how", ["module.compile", "forward"])
+def test_generate_left_padded_batch_both_compile_forms(how):
+    """`model.compile(backend=...)` and `model.forward = torch.compile(...)`: a left-padded batch of
+    two generates exactly the dense tokens, prefill rewritten with the padding, decode dense."""
+    model = MODELS["llama"]()
+    ids = _ids(batch=2, n=200)
+    mask = torch.ones_like(ids)
+    mask[1, :29] = 0
+    options = dict(min_seq_len=0, default_pattern=FULL, inductor=False, max_density=1.0)
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+        if how == "module.compile":
+            model.compile(backend="minference", options=options, dynamic=True)
+        else:
+            model.forward = torch.compile(model.forward, backend="minference", options=options, dynamic=True)
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    assert torch.equal(out, ref)
+    sites = [s for r in mif_compile.reports() for s in r.sites]
+    assert [s.reason for s in sites if s.rewritten] == ["causal+padding"] * model.config.num_hidden_layers
+    assert any(not s.rewritten for s in sites), "decode steps should have been seen and left dense"
+
+
 def test_generate_sparse_matches_reference_generate():
     model = MODELS["llama"]()
     ids = _ids(n=N)
