@@ -6,8 +6,9 @@ and between the pure-PyTorch reference and the Triton kernels (``impl``; "auto" 
 
 The layer's head plan arrives as three int lists (pattern code, first and second budget per head),
 baked into the graph as constants; the sequence length is read at run time, so a new prompt length
-never recompiles. Per-head tensors derived from the plan are cached per (plan, length, device) so
-that a CUDA-graph replay copies nothing from the host.
+never recompiles. Per-head tensors derived from the plan come from one pinned host buffer per plan
+(one small asynchronous copy per call), so the op holds no device memory between calls and can be
+captured in a CUDA graph, including by cudagraph trees (``mode="reduce-overhead"``).
 """
 
 from __future__ import annotations
@@ -111,31 +112,33 @@ def _layer_plan(patterns: tuple, b0: tuple, b1: tuple, n: int, block_m: int) -> 
     )
 
 
-_TENSOR_CACHE: dict = {}
+# Host copies of the per-head plan rows, one per distinct plan, never evicted: a CUDA graph that
+# captured the op copies from these (pinned) buffers at every replay, so they must outlive it.
+_HOST_PLAN: dict = {}
 
 
 def _plan_tensors(lp: _LayerPlan, device: torch.device) -> dict[str, torch.Tensor]:
-    key = (lp, str(device))
-    t = _TENSOR_CACHE.get(key)
-    if t is None:
-        if len(_TENSOR_CACHE) > 512:
-            _TENSOR_CACHE.clear()
-        i64 = dict(dtype=torch.int64, device=device)
-        t = {
-            "v_count": torch.tensor(lp.v_count, **i64),
-            "s_count": torch.tensor(lp.s_count, **i64),
-            "n_sink": torch.tensor(lp.n_sink, **i64),
-            "top_k": torch.tensor(lp.top_k, **i64),
-            "is_bs": torch.tensor([tk > 0 for tk in lp.top_k], dtype=torch.bool, device=device),
-        }
-        if lp.has_ashape:
-            width = max(lp.n_local)
-            offs = torch.arange(width, **i64)
-            nl = torch.tensor(lp.n_local, **i64)
-            rows = torch.where(offs[None, :] < nl[:, None], offs[None, :], -1).to(torch.int32)
-            t["ashape_rows"] = rows  # [H, width]: 0..n_local-1 for A-shape heads, -1 elsewhere
-            t["is_ashape"] = nl > 0
-        _TENSOR_CACHE[key] = t
+    """The layer plan's per-head tensors on ``device``, made fresh at every call by one host->device
+    copy from a cached pinned buffer. Nothing device-side is cached: under
+    ``mode="reduce-overhead"`` the op's first run happens inside the CUDA-graph memory pool, where a
+    cached device tensor would be a live allocation the graph does not own (cudagraph trees refuse
+    that), and a copy from pinned memory is legal inside a capture."""
+    rows = (lp.v_count, lp.s_count, lp.n_sink, lp.n_local, lp.top_k)
+    key = (rows, device.type)
+    host = _HOST_PLAN.get(key)
+    if host is None:
+        host = torch.tensor(rows, dtype=torch.int64)  # [5, H]
+        if device.type == "cuda":
+            host = host.pin_memory()
+        _HOST_PLAN[key] = host
+    plan = host.to(device, non_blocking=True) if device.type != "cpu" else host
+    v_count, s_count, n_sink, n_local, top_k = plan.unbind(0)
+    t = {"v_count": v_count, "s_count": s_count, "n_sink": n_sink, "top_k": top_k, "is_bs": top_k > 0}
+    if lp.has_ashape:
+        offs = torch.arange(max(lp.n_local), dtype=torch.int64, device=device)
+        # [H, width]: 0..n_local-1 for A-shape heads, -1 elsewhere
+        t["ashape_rows"] = torch.where(offs[None, :] < n_local[:, None], offs[None, :], -1).to(torch.int32)
+        t["is_ashape"] = n_local > 0
     return t
 
 

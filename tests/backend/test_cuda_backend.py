@@ -66,7 +66,7 @@ def test_op_is_cuda_graph_capturable():
     v = torch.randn(B, Hkv, N, D, device="cuda", dtype=torch.bfloat16)
     codes, b0, b1 = encode_heads(MIXED.layers[0])
     args = (None, D ** -0.5, codes, b0, b1, 0, 64, 64, "triton")
-    eager = run_layer(q, k, v, *args)  # warm-up: compiles kernels, caches plan tensors
+    eager = run_layer(q, k, v, *args)  # warm-up: compiles kernels, pins the plan on the host
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
