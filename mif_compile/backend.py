@@ -50,25 +50,44 @@ def _plan_for(cfg: BackendConfig):
     return plan_for
 
 
+PREFILL_CUDAGRAPHS_OFF = (
+    "CUDA graphs off for this prefill graph (prefill_cudagraphs=False): a prompt is one long launch "
+    "sequence, and cudagraph trees would record it again for every new prompt length and keep its "
+    "activations in their memory pool; decode graphs keep them"
+)
+
+
+def _inductor_patches(mode: str | None) -> dict:
+    if not mode:
+        return {}
+    from torch._inductor import list_mode_options
+
+    return dict(list_mode_options(mode))
+
+
 def compile_graph(
     gm: torch.fx.GraphModule, example_inputs: Sequence[Any], cfg: BackendConfig, *, mode: str | None = None,
-    inductor: bool = True,
+    inductor: bool = True, prefill_cudagraphs: bool = False,
 ) -> Callable:
-    """Rewrite ``gm`` in place, record a report, then compile with Inductor (or run it as is)."""
+    """Rewrite ``gm`` in place, record a report, then compile with Inductor (or run it as is).
+
+    Under a mode with CUDA graphs (``reduce-overhead``, ``max-autotune``) a graph with rewritten
+    sites (a prefill) is compiled without them unless ``prefill_cudagraphs``; the report says so.
+    """
     from . import ops  # noqa: F401  (registers torch.ops.mif.sparse_attention)
     from .passes import rewrite_sdpa
 
     result = rewrite_sdpa(gm, _plan_for(cfg), _make_call(cfg))
-    _record(CompileReport(next(_graph_ids), result.sites, result.counters, cfg.min_seq_len, cfg.impl))
+    report = CompileReport(next(_graph_ids), result.sites, result.counters, cfg.min_seq_len, cfg.impl)
+    patches = _inductor_patches(mode) if inductor else {}
+    if patches.get("triton.cudagraphs") and report.rewritten and not prefill_cudagraphs:
+        patches["triton.cudagraphs"] = False
+        report.notes.append(PREFILL_CUDAGRAPHS_OFF)
+    _record(report)
     if not inductor:
         return gm.forward
     from torch._inductor.compile_fx import compile_fx
 
-    patches = {}
-    if mode:
-        from torch._inductor import list_mode_options
-
-        patches = list_mode_options(mode)
     return compile_fx(gm, example_inputs, config_patches=patches or None)
 
 
@@ -78,18 +97,22 @@ def minference(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, mode:
     opts = dict(options or {})
     opts.update(kwargs)
     inductor = bool(opts.pop("inductor", True))
+    prefill_cudagraphs = bool(opts.pop("prefill_cudagraphs", False))
     # torch.compile takes mode= or options=, not both: options may carry the Inductor mode too
     mode = opts.pop("mode", mode)
     cfg = BackendConfig.from_options(opts)
-    return compile_graph(gm, example_inputs, cfg, mode=mode, inductor=inductor)
+    return compile_graph(gm, example_inputs, cfg, mode=mode, inductor=inductor, prefill_cudagraphs=prefill_cudagraphs)
 
 
-def backend(config: Any = None, *, inductor: bool = True, mode: str | None = None, **settings: Any) -> Callable:
+def backend(config: Any = None, *, inductor: bool = True, mode: str | None = None, prefill_cudagraphs: bool = False,
+            **settings: Any) -> Callable:
     """A compiler function for ``torch.compile(model, backend=mif_compile.backend(...))``.
 
     ``config``: a :class:`BackendConfig`, a :class:`ModelPlan`, a path to a plan JSON (ours or
     MInference's), or None; ``settings``: ``min_seq_len``, ``default_pattern``, ``last_q``,
-    ``block_m``, ``impl``. ``inductor=False`` skips Inductor (the rewritten graph runs eagerly).
+    ``block_m``, ``impl``, ``max_density``. ``inductor=False`` skips Inductor (the rewritten graph
+    runs eagerly); ``mode`` is Inductor's; ``prefill_cudagraphs=True`` lets a mode with CUDA graphs
+    capture prefill graphs too (by default only graphs without rewritten sites, i.e. decode).
     Bad settings fail here, before anything is traced.
     """
     if isinstance(config, BackendConfig):
@@ -98,7 +121,8 @@ def backend(config: Any = None, *, inductor: bool = True, mode: str | None = Non
         cfg = BackendConfig.from_options({"plan": config, **settings} if config is not None else settings)
 
     def compiler(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable:
-        return compile_graph(gm, example_inputs, cfg, mode=kwargs.get("mode", mode), inductor=inductor)
+        return compile_graph(gm, example_inputs, cfg, mode=kwargs.get("mode", mode), inductor=inductor,
+                             prefill_cudagraphs=prefill_cudagraphs)
 
     compiler.config = cfg  # type: ignore[attr-defined]
     return compiler

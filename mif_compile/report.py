@@ -35,6 +35,7 @@ class CompileReport:
     counters: Counter
     min_seq_len: int
     impl: str
+    notes: list = dataclasses.field(default_factory=list)  # how the graph was compiled, e.g. CUDA graphs
 
     @property
     def rewritten(self) -> list:
@@ -61,6 +62,7 @@ class CompileReport:
                 lines.append(f"  sparse  {where} [layer {s.layer}, {s.reason}{gqa}]: {pats}")
             else:
                 lines.append(f"  dense   {where}: {s.reason}")
+        lines.extend(f"  note    {n}" for n in self.notes)
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -84,15 +84,49 @@ def test_op_is_cuda_graph_capturable():
     assert ((static_out.float() - eager.float()).norm() / eager.float().norm()) > 1e-1
 
 
-def test_generate_reduce_overhead_decode_in_cuda_graphs():
-    """Prefill sparse (the op), decode dense under CUDA graphs: greedy tokens equal dense."""
+@pytest.mark.parametrize("hf_compiles_decode", [False, True])
+def test_generate_reduce_overhead_static_cache(hf_compiles_decode):
+    """HF's recipe for CUDA graphs (static cache): greedy tokens equal dense. Prefill goes through
+    the backend (rewritten where transformers lets the pass prove it, else dense with the reason);
+    decode runs in CUDA graphs, compiled by our backend (disable_compile=True) or by generate()'s own
+    auto-compilation of the static-cache decode step."""
     model = _model(torch.float16)
     ids = torch.randint(0, 96, (1, 1500), device="cuda")
     full = HeadPattern.vertical_slash(4096, 4096)
+    kw = dict(max_new_tokens=8, do_sample=False, cache_implementation="static", disable_compile=not hf_compiles_decode)
     with torch.no_grad():
-        ref = model.generate(ids, max_new_tokens=8, do_sample=False)
+        ref = model.generate(ids, **dict(kw, disable_compile=True))
         model.forward = torch.compile(model.forward, backend="minference", options=dict(
             mode="reduce-overhead", min_seq_len=0, default_pattern=full, max_density=1.0))
-        out = model.generate(ids, max_new_tokens=8, do_sample=False)
+        out = model.generate(ids, **kw)
     assert torch.equal(out, ref), (out[0, -8:], ref[0, -8:])
-    assert any(r.rewritten for r in mif_compile.reports())
+    reports = mif_compile.reports()
+    sites = [s for r in reports for s in r.sites]
+    assert any(s.rewritten or "q_len != kv_len" in s.reason for s in sites), [s.reason for s in sites]
+    for r in reports:  # prefill graphs leave CUDA graphs to decode; decode graphs keep them
+        assert bool(r.notes) is bool(r.rewritten), r.format()
+    if not hf_compiles_decode:
+        assert any(r.sites and not r.rewritten for r in reports), "decode graphs should reach the backend"
+
+
+def test_op_in_cudagraph_trees_replays_new_inputs():
+    """prefill_cudagraphs=True: the op is warmed up, recorded and replayed by cudagraph trees (no
+    allocation outlives a call, no host sync), and each replay computes its own input's answer."""
+    from torch._dynamo.utils import counters
+
+    model = _model(torch.float16)
+    full = HeadPattern.vertical_slash(4096, 4096)
+    comp = torch.compile(model, backend=mif_compile.backend(
+        mode="reduce-overhead", prefill_cudagraphs=True, min_seq_len=0, default_pattern=full, max_density=1.0))
+    counters.clear()
+    with torch.no_grad():
+        for seed in range(4):  # warm-up, record, then replays
+            ids = torch.randint(0, 96, (1, 2048), device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
+            torch.compiler.cudagraph_mark_step_begin()
+            out = comp(ids, use_cache=False).logits.float().clone()
+            ref = model(ids, use_cache=False).logits.float()
+            err = (out - ref).norm() / ref.norm()
+            assert err < 2e-2, (seed, err)
+    report = mif_compile.last_report()
+    assert len(report.rewritten) == 2 and not report.notes, report.format()
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])

@@ -231,12 +231,46 @@ def test_options_may_carry_the_inductor_mode(monkeypatch):
     mod = sys.modules["mif_compile.backend"]
     real = mod.compile_graph
 
-    def spy(gm, example_inputs, cfg, *, mode=None, inductor=True):
+    def spy(gm, example_inputs, cfg, *, mode=None, inductor=True, **kw):
         seen["mode"], seen["min_seq_len"] = mode, cfg.min_seq_len
-        return real(gm, example_inputs, cfg, mode=mode, inductor=False)
+        return real(gm, example_inputs, cfg, mode=mode, inductor=False, **kw)
 
     monkeypatch.setattr(mod, "compile_graph", spy)
     model = MODELS["llama"]()
     with torch.no_grad():
         torch.compile(model, backend="minference", options=dict(mode="max-autotune-no-cudagraphs", min_seq_len=7))(_ids())
     assert seen == {"mode": "max-autotune-no-cudagraphs", "min_seq_len": 7}
+
+
+@pytest.mark.parametrize("prefill_cudagraphs", [False, True])
+def test_reduce_overhead_keeps_cuda_graphs_for_decode_only(monkeypatch, prefill_cudagraphs):
+    """Under mode="reduce-overhead" a prefill graph (rewritten sites) is compiled without CUDA graphs
+    unless prefill_cudagraphs=True, and its report says so; decode graphs keep them."""
+    import torch._inductor.compile_fx as cfx
+
+    patches = []
+
+    def spy(gm, example_inputs, config_patches=None, **kw):
+        patches.append(dict(config_patches or {}))
+        return gm.forward
+
+    monkeypatch.setattr(cfx, "compile_fx", spy)
+    model = MODELS["llama"]()
+    ids = _ids(n=200)
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=3, do_sample=False)
+        model.forward = torch.compile(model.forward, backend="minference", dynamic=True, options=dict(
+            mode="reduce-overhead", prefill_cudagraphs=prefill_cudagraphs, min_seq_len=0, default_pattern=FULL,
+            max_density=1.0))
+        out = model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert torch.equal(out, ref)
+    reports = mif_compile.reports()
+    assert len(patches) == len(reports) >= 2
+    prefill = [(r, p) for r, p in zip(reports, patches) if r.rewritten]
+    decode = [(r, p) for r, p in zip(reports, patches) if r.sites and not r.rewritten]
+    assert prefill and decode
+    assert all(p["triton.cudagraphs"] is True and not r.notes for r, p in decode)
+    for r, p in prefill:
+        assert p["triton.cudagraphs"] is prefill_cudagraphs
+        assert bool(r.notes) is not prefill_cudagraphs
+        assert ("CUDA graphs off for this prefill graph" in r.format()) is not prefill_cudagraphs
