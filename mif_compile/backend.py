@@ -50,11 +50,25 @@ def _plan_for(cfg: BackendConfig):
     return plan_for
 
 
-PREFILL_CUDAGRAPHS_OFF = (
-    "CUDA graphs off for this prefill graph (prefill_cudagraphs=False): a prompt is one long launch "
-    "sequence, and cudagraph trees would record it again for every new prompt length and keep its "
-    "activations in their memory pool; decode graphs keep them"
-)
+def _cudagraphs_off_reason(sites: list, prefill_cudagraphs: bool) -> str | None:
+    """Why a graph under a CUDA-graph mode is compiled without them, or None for a decode graph
+    (every SDPA site has query length 1, over a cache that is not grown by torch.cat) or a graph
+    without attention."""
+    if any(s.kv_cat for s in sites):
+        return (
+            "CUDA graphs off for this graph: its keys come from torch.cat (a cache that grows, such as "
+            "DynamicCache), whose new tensors cudagraph trees would overwrite at the next step; a static "
+            "cache initialised before the first call (StaticCache.early_initialization) keeps them"
+        )
+    lengths = sorted({"symbolic" if s.q_len is None else str(s.q_len) for s in sites if s.q_len != 1})
+    if not lengths or prefill_cudagraphs:
+        return None
+    return (
+        f"CUDA graphs off for this graph (attention query length {', '.join(lengths)}; "
+        "prefill_cudagraphs=False): a prompt is one long launch sequence, cudagraph trees would record "
+        "it again for every new length and keep its activations and any cache it creates in their "
+        "pool; decode graphs (query length 1) keep them"
+    )
 
 
 def _inductor_patches(mode: str | None) -> dict:
@@ -71,8 +85,9 @@ def compile_graph(
 ) -> Callable:
     """Rewrite ``gm`` in place, record a report, then compile with Inductor (or run it as is).
 
-    Under a mode with CUDA graphs (``reduce-overhead``, ``max-autotune``) a graph with rewritten
-    sites (a prefill) is compiled without them unless ``prefill_cudagraphs``; the report says so.
+    Under a mode with CUDA graphs (``reduce-overhead``, ``max-autotune``) only decode graphs (every
+    SDPA query of length 1) and graphs without attention get them; prefill graphs, rewritten or not,
+    are compiled without them unless ``prefill_cudagraphs``, and the report says so.
     """
     from . import ops  # noqa: F401  (registers torch.ops.mif.sparse_attention)
     from .passes import rewrite_sdpa
@@ -80,9 +95,10 @@ def compile_graph(
     result = rewrite_sdpa(gm, _plan_for(cfg), _make_call(cfg))
     report = CompileReport(next(_graph_ids), result.sites, result.counters, cfg.min_seq_len, cfg.impl)
     patches = _inductor_patches(mode) if inductor else {}
-    if patches.get("triton.cudagraphs") and report.rewritten and not prefill_cudagraphs:
+    off = _cudagraphs_off_reason(report.sites, prefill_cudagraphs) if patches.get("triton.cudagraphs") else None
+    if off:
         patches["triton.cudagraphs"] = False
-        report.notes.append(PREFILL_CUDAGRAPHS_OFF)
+        report.notes.append(off)
     _record(report)
     if not inductor:
         return gm.forward
@@ -112,7 +128,7 @@ def backend(config: Any = None, *, inductor: bool = True, mode: str | None = Non
     MInference's), or None; ``settings``: ``min_seq_len``, ``default_pattern``, ``last_q``,
     ``block_m``, ``impl``, ``max_density``. ``inductor=False`` skips Inductor (the rewritten graph
     runs eagerly); ``mode`` is Inductor's; ``prefill_cudagraphs=True`` lets a mode with CUDA graphs
-    capture prefill graphs too (by default only graphs without rewritten sites, i.e. decode).
+    capture prefill graphs too (by default only decode graphs, whose queries have length 1).
     Bad settings fail here, before anything is traced.
     """
     if isinstance(config, BackendConfig):

@@ -39,6 +39,8 @@ class Site:
     num_heads: int | None = None
     num_kv_heads: int | None = None
     patterns: tuple = ()  # HeadPattern per head when rewritten
+    q_len: int | None = None  # the query length when static (1 in decode graphs), else None
+    kv_cat: bool = False  # the keys are a torch.cat result (a growing cache, e.g. DynamicCache)
 
 
 @dataclasses.dataclass
@@ -129,6 +131,24 @@ def _unrepeat_kv(node: fx.Node, num_heads: int) -> fx.Node:
     return src
 
 
+_CAT = {torch.cat, torch.concat, torch.concatenate, torch.ops.aten.cat.default}
+
+
+def _key_from_cat(key: Any, num_heads: Any) -> bool:
+    """True when the keys are made by ``torch.cat`` (possibly then made contiguous or repeated for
+    GQA): a cache that grows by concatenation, whose new tensors are graph outputs."""
+    node = _unrepeat_kv(key, num_heads) if isinstance(key, fx.Node) and isinstance(num_heads, int) else key
+    while isinstance(node, fx.Node) and node.op == "call_method" and node.target in ("contiguous", "to"):
+        node = node.args[0]
+    if not isinstance(node, fx.Node):
+        return False
+    return (node.op == "call_function" and node.target in _CAT) or (node.op == "call_method" and node.target == "cat")
+
+
+def _static_len(n: Any) -> int | None:
+    return n if isinstance(n, int) else None
+
+
 def classify(node: fx.Node) -> tuple[str | None, dict[str, Any]]:
     """Return (reason to stay dense or None, facts about the site)."""
     a = _sdpa_args(node)
@@ -207,7 +227,9 @@ def rewrite_sdpa(
         ordinal += 1
         if reason is not None:
             counters["left_dense"] += 1
-            sites.append(Site(node.name, mod, layer, False, reason, facts.get("H"), facts.get("Hkv")))
+            sites.append(Site(node.name, mod, layer, False, reason, facts.get("H"), facts.get("Hkv"),
+                              q_len=_static_len(facts.get("Lq")),
+                              kv_cat=_key_from_cat(_sdpa_args(node)["key"], facts.get("H"))))
             continue
         a, proof = facts["args"], facts["proof"]
         k_src = _unrepeat_kv(a["key"], facts["H"])
@@ -238,7 +260,8 @@ def rewrite_sdpa(
         counters[f"rewritten_{proof.kind}"] += 1
         if hkv != facts["H"]:
             counters["gqa_native"] += 1
-        sites.append(Site(node.name, mod, layer, True, proof.kind, facts["H"], hkv, tuple(heads)))
+        sites.append(Site(node.name, mod, layer, True, proof.kind, facts["H"], hkv, tuple(heads),
+                          q_len=_static_len(facts.get("Lq")), kv_cat=_key_from_cat(k_src, facts["H"])))
     _erase_unused(graph, dead)
     graph.lint()
     gm.recompile()

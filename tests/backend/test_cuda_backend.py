@@ -84,29 +84,56 @@ def test_op_is_cuda_graph_capturable():
     assert ((static_out.float() - eager.float()).norm() / eager.float().norm()) > 1e-1
 
 
-@pytest.mark.parametrize("hf_compiles_decode", [False, True])
-def test_generate_reduce_overhead_static_cache(hf_compiles_decode):
-    """HF's recipe for CUDA graphs (static cache): greedy tokens equal dense. Prefill goes through
-    the backend (rewritten where transformers lets the pass prove it, else dense with the reason);
-    decode runs in CUDA graphs, compiled by our backend (disable_compile=True) or by generate()'s own
-    auto-compilation of the static-cache decode step."""
+def early_static_cache(model, max_len: int):
+    """A StaticCache allocated before the first compiled call (its tensors then have static addresses)."""
+    from transformers import StaticCache
+
+    cfg = model.config
+    cache = StaticCache(config=cfg, max_cache_len=max_len)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    cache.early_initialization(batch_size=1, num_heads=cfg.num_key_value_heads, head_dim=head_dim,
+                               dtype=model.dtype, device=model.device)
+    return cache
+
+
+@pytest.mark.parametrize("cache,hf_compiles_decode", [("static", False), ("static", True), ("dynamic", False)])
+def test_generate_reduce_overhead(cache, hf_compiles_decode):
+    """mode="reduce-overhead" with generate(): greedy tokens equal dense. Prefill graphs run without
+    CUDA graphs (rewritten where transformers lets the pass prove it, else dense with the reason);
+    decode graphs over an early-initialised static cache run in CUDA graphs, compiled by our backend
+    (disable_compile=True) or by generate()'s own auto-compilation; over the dynamic cache the backend
+    keeps decode out of CUDA graphs (cudagraph trees would overwrite the concatenated cache)."""
+    from torch._dynamo.utils import counters
+
     model = _model(torch.float16)
     ids = torch.randint(0, 96, (1, 1500), device="cuda")
     full = HeadPattern.vertical_slash(4096, 4096)
-    kw = dict(max_new_tokens=8, do_sample=False, cache_implementation="static", disable_compile=not hf_compiles_decode)
+
+    def kw(disable_compile):
+        d = dict(max_new_tokens=8, do_sample=False, disable_compile=disable_compile)
+        if cache == "static":
+            d["past_key_values"] = early_static_cache(model, 1600)
+        return d
+
     with torch.no_grad():
-        ref = model.generate(ids, **dict(kw, disable_compile=True))
+        ref = model.generate(ids, **kw(True))
         model.forward = torch.compile(model.forward, backend="minference", options=dict(
             mode="reduce-overhead", min_seq_len=0, default_pattern=full, max_density=1.0))
-        out = model.generate(ids, **kw)
+        counters.clear()
+        out = model.generate(ids, **kw(not hf_compiles_decode))
     assert torch.equal(out, ref), (out[0, -8:], ref[0, -8:])
     reports = mif_compile.reports()
     sites = [s for r in reports for s in r.sites]
     assert any(s.rewritten or "q_len != kv_len" in s.reason for s in sites), [s.reason for s in sites]
-    for r in reports:  # prefill graphs leave CUDA graphs to decode; decode graphs keep them
-        assert bool(r.notes) is bool(r.rewritten), r.format()
-    if not hf_compiles_decode:
-        assert any(r.sites and not r.rewritten for r in reports), "decode graphs should reach the backend"
+    decode = [r for r in reports if r.sites and all(s.q_len == 1 for s in r.sites)]
+    if hf_compiles_decode:
+        return
+    assert decode, "decode graphs should reach the backend"
+    if cache == "static":
+        assert all(not r.notes for r in decode), [r.notes for r in decode]
+        assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    else:
+        assert all("torch.cat" in r.format() for r in decode)
 
 
 def test_op_in_cudagraph_trees_replays_new_inputs():

@@ -242,10 +242,12 @@ def test_options_may_carry_the_inductor_mode(monkeypatch):
     assert seen == {"mode": "max-autotune-no-cudagraphs", "min_seq_len": 7}
 
 
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
 @pytest.mark.parametrize("prefill_cudagraphs", [False, True])
-def test_reduce_overhead_keeps_cuda_graphs_for_decode_only(monkeypatch, prefill_cudagraphs):
-    """Under mode="reduce-overhead" a prefill graph (rewritten sites) is compiled without CUDA graphs
-    unless prefill_cudagraphs=True, and its report says so; decode graphs keep them."""
+def test_reduce_overhead_keeps_cuda_graphs_for_decode_only(monkeypatch, prefill_cudagraphs, cache):
+    """Under mode="reduce-overhead" a prefill graph is compiled without CUDA graphs unless
+    prefill_cudagraphs=True, and its report says so; decode graphs (query length 1) keep them,
+    except over a cache grown by torch.cat (DynamicCache), which cudagraph trees would overwrite."""
     import torch._inductor.compile_fx as cfx
 
     patches = []
@@ -257,20 +259,29 @@ def test_reduce_overhead_keeps_cuda_graphs_for_decode_only(monkeypatch, prefill_
     monkeypatch.setattr(cfx, "compile_fx", spy)
     model = MODELS["llama"]()
     ids = _ids(n=200)
+    kw = dict(max_new_tokens=3, do_sample=False)
+    if cache == "static":
+        kw["cache_implementation"] = "static"
     with torch.no_grad():
-        ref = model.generate(ids, max_new_tokens=3, do_sample=False)
+        ref = model.generate(ids, **kw)
         model.forward = torch.compile(model.forward, backend="minference", dynamic=True, options=dict(
             mode="reduce-overhead", prefill_cudagraphs=prefill_cudagraphs, min_seq_len=0, default_pattern=FULL,
             max_density=1.0))
-        out = model.generate(ids, max_new_tokens=3, do_sample=False)
+        out = model.generate(ids, **kw)
     assert torch.equal(out, ref)
     reports = mif_compile.reports()
     assert len(patches) == len(reports) >= 2
     prefill = [(r, p) for r, p in zip(reports, patches) if r.rewritten]
     decode = [(r, p) for r, p in zip(reports, patches) if r.sites and not r.rewritten]
     assert prefill and decode
+    assert all(s.q_len == 1 for r, _ in decode for s in r.sites)
+    if cache == "dynamic":
+        assert all(s.kv_cat for r in reports for s in r.sites)
+        for r, p in prefill + decode:
+            assert p["triton.cudagraphs"] is False and "keys come from torch.cat" in r.format()
+        return
     assert all(p["triton.cudagraphs"] is True and not r.notes for r, p in decode)
     for r, p in prefill:
         assert p["triton.cudagraphs"] is prefill_cudagraphs
         assert bool(r.notes) is not prefill_cudagraphs
-        assert ("CUDA graphs off for this prefill graph" in r.format()) is not prefill_cudagraphs
+        assert ("CUDA graphs off for this graph (attention query length symbolic" in r.format()) is not prefill_cudagraphs
