@@ -271,10 +271,11 @@ def test_reduce_overhead_keeps_cuda_graphs_for_decode_only(monkeypatch, prefill_
     assert torch.equal(out, ref)
     reports = mif_compile.reports()
     assert len(patches) == len(reports) >= 2
-    prefill = [(r, p) for r, p in zip(reports, patches) if r.rewritten]
-    decode = [(r, p) for r, p in zip(reports, patches) if r.sites and not r.rewritten]
-    assert prefill and decode
-    assert all(s.q_len == 1 for r, _ in decode for s in r.sites)
+    # transformers 5.23 lets the pass rewrite the static-cache prefill; 5.17 leaves it dense (q_len != kv_len)
+    prefill = [(r, p) for r, p in zip(reports, patches) if r.sites and all(s.q_len != 1 for s in r.sites)]
+    decode = [(r, p) for r, p in zip(reports, patches) if r.sites and all(s.q_len == 1 for s in r.sites)]
+    assert prefill and decode and len(prefill) + len(decode) == len(reports)
+    assert any(r.rewritten for r, _ in prefill) or cache == "static", [r.format() for r, _ in prefill]
     if cache == "dynamic":
         assert all(s.kv_cat for r in reports for s in r.sites)
         for r, p in prefill + decode:
