@@ -149,35 +149,9 @@ def main() -> None:
     stem = os.path.join(args.out, f"bench_prefill{args.tag}")
     with open(stem + ".json", "w") as f:
         json.dump(rows, f, indent=1)
-    try:
-        import matplotlib
+    from plot_prefill import plot  # benchmarks/ is on sys.path when this file runs as a script
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-        for name in args.plans:
-            r = [x for x in rows if x["plan"] == name]
-            ax[0].plot([x["seq_len"] for x in r], [x["ours_s"] for x in r], "o-", label=f"minference ({name})")
-            ax[1].plot([x["seq_len"] for x in r], [x["speedup"] for x in r], "o-", label=name)
-        r = [x for x in rows if x["plan"] == args.plans[0]]
-        ax[0].plot([x["seq_len"] for x in r], [x["dense_s"] for x in r], "s--", label="dense (eager SDPA, cuDNN)")
-        if args.compiled_dense:
-            ax[0].plot([x["seq_len"] for x in r], [x["compiled_dense_s"] for x in r], "^:",
-                       label="dense (torch.compile)")
-        for a in ax:
-            a.set_xscale("log", base=2)
-            a.set_xlabel("prompt tokens")
-            a.legend()
-        ax[0].set_yscale("log")
-        ax[0].set_ylabel("TTFT (s)")
-        ax[1].set_ylabel("speedup over the fastest dense")
-        ax[1].axhline(1.0, color="gray", lw=0.5)
-        fig.suptitle(f"Prefill, Llama-3-8B shape ({args.layers} layers), {gpu}")
-        fig.tight_layout()
-        fig.savefig(stem + ".png", dpi=120)
-    except ImportError:
-        pass
+    plot(rows, stem + ".png", f"Prefill, Llama-3-8B shape ({args.layers} layers), {gpu}")
 
 
 if __name__ == "__main__":

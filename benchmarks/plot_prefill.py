@@ -19,6 +19,40 @@ def fmt(x: float, spec: str) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
+def plot(rows: list[dict], path: str, title: str) -> None:
+    """TTFT per plan with the dense baselines (left), speedup per plan (right); skipped without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    for plan in sorted({r["plan"] for r in rows}):
+        r = [x for x in rows if x["plan"] == plan]
+        ax[0].plot([x["seq_len"] for x in r], [x["ours_s"] for x in r], "o-", label=f"minference ({plan})")
+        ax[1].plot([x["seq_len"] for x in r], [x["speedup"] for x in r], "o-", label=plan)
+    dense = {x["seq_len"]: x for x in rows}
+    ns = sorted(dense)
+    ax[0].plot(ns, [dense[n]["dense_s"] for n in ns], "s--", label="dense (eager SDPA, cuDNN)")
+    comp = [(n, dense[n].get("compiled_dense_s")) for n in ns]
+    comp = [(n, t) for n, t in comp if t is not None and not math.isnan(t)]
+    if comp:
+        ax[0].plot(*zip(*comp), "^:", label="dense (torch.compile)")
+    for a in ax:
+        a.set_xscale("log", base=2)
+        a.set_xlabel("prompt tokens")
+        a.legend()
+    ax[0].set_yscale("log")
+    ax[0].set_ylabel("TTFT (s)")
+    ax[1].set_ylabel("speedup over the fastest dense")
+    ax[1].axhline(1.0, color="gray", lw=0.5)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("files", nargs="+")
@@ -51,37 +85,7 @@ def main() -> None:
         f.write(table + "\n")
     with open(args.out + ".json", "w") as f:
         json.dump(rows, f, indent=1)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    plans = sorted({r["plan"] for r in rows})
-    for plan in plans:
-        r = [x for x in rows if x["plan"] == plan]
-        ax[0].plot([x["seq_len"] for x in r], [x["ours_s"] for x in r], "o-", label=f"minference ({plan})")
-        ax[1].plot([x["seq_len"] for x in r], [x["speedup"] for x in r], "o-", label=plan)
-    dense = {x["seq_len"]: x for x in rows}
-    ns = sorted(dense)
-    ax[0].plot(ns, [dense[n]["dense_s"] for n in ns], "s--", label="dense (eager SDPA, cuDNN)")
-    comp = [(n, dense[n].get("compiled_dense_s")) for n in ns]
-    comp = [(n, t) for n, t in comp if t is not None and not math.isnan(t)]
-    if comp:
-        ax[0].plot(*zip(*comp), "^:", label="dense (torch.compile; OOM from 128K)")
-    for a in ax:
-        a.set_xscale("log", base=2)
-        a.set_xlabel("prompt tokens")
-        a.legend()
-    ax[0].set_yscale("log")
-    ax[0].set_ylabel("TTFT (s)")
-    ax[1].set_ylabel("speedup over the fastest dense")
-    ax[1].axhline(1.0, color="gray", lw=0.5)
-    fig.suptitle(f"Prefill TTFT, Llama-3-8B shape, {', '.join(gpu)}")
-    fig.tight_layout()
-    fig.savefig(args.out + ".png", dpi=120)
+    plot(rows, args.out + ".png", f"Prefill TTFT, Llama-3-8B shape, {', '.join(gpu)}")
 
 
 if __name__ == "__main__":
