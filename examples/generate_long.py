@@ -15,7 +15,7 @@ import argparse
 import torch
 
 import mif_compile
-from quickstart import build_model, timed
+from quickstart import model_and_prompt, timed
 
 
 def ttft_and_tokens(model, ids, new_tokens: int, device: str):
@@ -36,10 +36,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=8)
     args = p.parse_args()
     dev = args.device
-    n = args.seq_len or (131072 if dev == "cuda" else 4096)
-    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    model = build_model(dev, dtype)
-    ids = torch.randint(0, 1024, (1, n), device=dev)
+    model, ids = model_and_prompt(dev, args.seq_len, gpu_len=131072)
+    n = ids.shape[1]
     t_dense, tok_dense = ttft_and_tokens(model, ids, args.new_tokens, dev)
     # A-shape everywhere: static, so it stays sparse on random weights (estimated patterns would
     # find no structure in random attention and fall back to dense)

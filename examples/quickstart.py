@@ -27,6 +27,14 @@ def build_model(device: str, dtype: torch.dtype) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
 
 
+def model_and_prompt(device: str, seq_len: int | None, gpu_len: int) -> tuple[LlamaForCausalLM, torch.Tensor]:
+    """The example model (bf16 on a GPU, fp32 on CPU) and a random prompt of ``seq_len`` tokens
+    (default ``gpu_len`` on a GPU, 4096 on CPU)."""
+    n = seq_len or (gpu_len if device == "cuda" else 4096)
+    model = build_model(device, torch.bfloat16 if device == "cuda" else torch.float32)
+    return model, torch.randint(0, 1024, (1, n), device=device)
+
+
 def timed(fn, device: str, repeats: int = 3) -> tuple[torch.Tensor, float]:
     out = fn()  # warm-up (and compilation)
     if device == "cuda":
@@ -50,10 +58,8 @@ def main() -> None:
                    help="vertical-slash budget (default: MInference's 1000 6096 on GPU, N/16 N/8 on CPU)")
     args = p.parse_args()
     dev = args.device
-    n = args.seq_len or (65536 if dev == "cuda" else 4096)
-    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    model = build_model(dev, dtype)
-    ids = torch.randint(0, 1024, (1, n), device=dev)
+    model, ids = model_and_prompt(dev, args.seq_len, gpu_len=65536)
+    n, dtype = ids.shape[1], model.dtype
 
     def dense():
         with torch.no_grad():
