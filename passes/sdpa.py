@@ -229,7 +229,7 @@ def rewrite_sdpa(
             counters["left_dense"] += 1
             sites.append(Site(node.name, mod, layer, False, reason, facts.get("H"), facts.get("Hkv"),
                               q_len=_static_len(facts.get("Lq")),
-                              kv_cat=_key_from_cat(_sdpa_args(node)["key"], facts.get("H"))))
+                              kv_cat=_key_from_cat(facts["args"]["key"], facts.get("H"))))
             continue
         a, proof = facts["args"], facts["proof"]
         k_src = _unrepeat_kv(a["key"], facts["H"])
