@@ -428,25 +428,23 @@ def test_unprovable_mask_keeps_its_square_tensor(dynamic):
 # -- bad plans fail at compile time ---------------------------------------------------------------
 
 
-def test_wrong_head_count_fails_at_compile_time():
-    plan = ModelPlan(((HeadPattern.dense(),) * H, (HeadPattern.a_shape(),) * (H - 1)))
+def _compile_error(plan: ModelPlan, mask_kind: str) -> str:
+    """The message with which compiling ``Model(mask_kind)`` under ``plan`` fails."""
     torch._dynamo.reset()
     x, _ = inputs()
-    compiled = torch.compile(Model("causal"), backend=mif_compile.backend(plan, inductor=False, min_seq_len=BIG))
+    compiled = torch.compile(Model(mask_kind), backend=mif_compile.backend(plan, inductor=False, min_seq_len=BIG))
     with pytest.raises(torch._dynamo.exc.BackendCompilerFailed) as e:
         compiled(x)
-    msg = str(e.value)
+    return str(e.value)
+
+
+def test_wrong_head_count_fails_at_compile_time():
+    msg = _compile_error(ModelPlan(((HeadPattern.dense(),) * H, (HeadPattern.a_shape(),) * (H - 1))), "causal")
     assert "layer 1" in msg and f"{H - 1} heads" in msg and f"{H} query heads" in msg
 
 
 def test_too_few_layers_fails_at_compile_time():
-    plan = ModelPlan(((HeadPattern.a_shape(),) * H,))
-    torch._dynamo.reset()
-    x, _ = inputs()
-    compiled = torch.compile(Model("arange"), backend=mif_compile.backend(plan, inductor=False, min_seq_len=BIG))
-    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed) as e:
-        compiled(x)
-    msg = str(e.value)
+    msg = _compile_error(ModelPlan(((HeadPattern.a_shape(),) * H,)), "arange")
     assert "layer 1" in msg and "1 layers" in msg
 
 
