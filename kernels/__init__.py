@@ -11,6 +11,7 @@ from .api import (
     max_blocks_per_row,
     sparse_attention,
     vertical_slash_scores,
+    vertical_slash_select,
     vertical_slash_topk,
 )
 from .reference import BLOCK_N, SparseIndex, count_kept_pairs, index_to_dense_mask
@@ -26,5 +27,6 @@ __all__ = [
     "max_blocks_per_row",
     "sparse_attention",
     "vertical_slash_scores",
+    "vertical_slash_select",
     "vertical_slash_topk",
 ]

@@ -115,6 +115,38 @@ def vertical_slash_topk(col, diag, v_count, s_count, *, n_force_v: int = 30, n_f
                                     v_max=v_max, s_max=s_max)
 
 
+def vertical_slash_select(col, diag, v_count, s_count, mass, *, last_q: int, n_force_v: int = 30,
+                          n_force_s: int = 100, v_max: int | None = None, s_max: int | None = None):
+    """(v_idx [B, H, Vc], s_off [B, H, Gc * 64], reached [B, H]): the adaptive, mass-targeted choice of
+    columns and 64-diagonal slash groups (see kernels/select.py); -1 = unused; ``reached``: the target
+    was met within the caps. Pure torch.
+
+    ``mass``: fp32 [H] targets in [0, 1]; ``v_count``/``s_count`` the caps; like
+    :func:`vertical_slash_topk`, CUDA cap tensors need ``v_max``/``s_max``.
+    """
+    from .select import vertical_slash_select as fn
+
+    H = col.shape[1]
+    v_count = _per_head(v_count, H, "v_count", None)
+    s_count = _per_head(s_count, H, "s_count", None)
+    mass_t = torch.as_tensor(mass, dtype=torch.float32)
+    if mass_t.dim() == 0:
+        mass_t = mass_t.expand(H)
+    if _validating():
+        _check(col.shape == diag.shape and col.dim() == 3, f"col {tuple(col.shape)} and diag {tuple(diag.shape)} must be [B, H, N]")
+        _check(mass_t.shape == (H,), f"mass must have one entry per head ({H}), got shape {tuple(mass_t.shape)}")
+        _check(last_q >= 1, f"last_q must be >= 1, got {last_q}")
+        if not mass_t.is_cuda:
+            _check(bool(((mass_t >= 0) & (mass_t <= 1)).all()), f"mass must be in [0, 1], got {mass_t.tolist()}")
+        for name, cnt in (("v_count", v_count), ("s_count", s_count)):
+            if not cnt.is_cuda:
+                _check(bool((cnt >= 0).all()), f"{name} must be >= 0, got {cnt.tolist()}")
+    v_max = _ref.budget_max(v_count, v_max, "v_max")
+    s_max = _ref.budget_max(s_count, s_max, "s_max")
+    return fn(col, diag, v_count, s_count, mass_t, last_q=last_q, n_force_v=n_force_v, n_force_s=n_force_s,
+              v_max=v_max, s_max=s_max)
+
+
 def block_sparse_topk(q, k, top_k, *, key_padding=None, k_max: int | None = None, impl: str = "auto"):
     """int32 [B, H, NB, Kmax] top-k 64-token key blocks per 64-query block; -1 = unused."""
     top_k = _per_head(top_k, q.shape[1], "top_k", None)

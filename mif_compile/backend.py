@@ -8,6 +8,7 @@ graph to Inductor. :func:`backend` builds the same compiler function from Python
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Any, Callable, Sequence
 
@@ -22,14 +23,16 @@ _graph_ids = itertools.count()
 
 
 def _make_call(cfg: BackendConfig):
-    from .ops import encode_heads
+    from .ops import encode_heads, encode_mass
 
     def make_call(graph: torch.fx.Graph, f: dict[str, Any]) -> torch.fx.Node:
         codes, b0, b1 = encode_heads(f["heads"])
+        mass = encode_mass(f["heads"])
         return graph.call_function(
             torch.ops.mif.sparse_attention.default,
             (f["q"], f["k"], f["v"], f["padding"], f["scale"], codes, b0, b1,
-             cfg.min_seq_len, cfg.last_q, cfg.block_m, cfg.impl, cfg.max_density),
+             cfg.min_seq_len, cfg.last_q, cfg.block_m, cfg.impl, cfg.max_density,
+             *((mass,) if any(mass) else ())),
         )
 
     return make_call
@@ -45,9 +48,17 @@ def _plan_for(cfg: BackendConfig):
         heads = plan.heads_for(layer, num_heads)  # raises ConfigError naming layer/head/value
         if all(hp.pattern is Pattern.DENSE for hp in heads):
             return f"the plan makes every head of layer {layer} dense"
-        return heads
+        return with_mass(heads, cfg.mass)
 
     return plan_for
+
+
+def with_mass(heads: Sequence[HeadPattern], mass: float | None) -> tuple[HeadPattern, ...]:
+    """Vertical-slash heads without a mass target of their own take the backend's ``mass``."""
+    if mass is None:
+        return tuple(heads)
+    return tuple(dataclasses.replace(hp, mass=mass) if hp.pattern is Pattern.VERTICAL_SLASH and hp.mass is None
+                 else hp for hp in heads)
 
 
 def _cudagraphs_off_reason(sites: list, prefill_cudagraphs: bool) -> str | None:

@@ -31,6 +31,7 @@ __all__ = [
 ]
 
 FORMAT = "mif-compile/v1"
+DEFAULT_MASS: float | None = None  # the backend's default mass target (None: MInference's fixed budgets)
 
 
 class ConfigError(ValueError):
@@ -90,11 +91,17 @@ class HeadPattern:
     ``budget`` holds the pattern's sizes in the order of ``BUDGET_NAMES``: A-shape ``(n_init,
     n_local)``, vertical-slash ``(v, s)`` (kept columns, kept diagonals), block-sparse ``(top_k,)``
     (64-token key blocks per 64-token query block), dense ``()``.
+
+    ``mass`` (vertical-slash only): the adaptive mode's target share of the estimated attention mass
+    per head and input; ``(v, s)`` are then caps (at most ``v`` columns and ``ceil(s / 64)`` groups of
+    64 diagonals). None: inherit the backend's ``mass`` setting (whose None means MInference's fixed
+    budgets: exactly the top ``v`` columns and top ``s`` diagonals).
     """
 
     pattern: Pattern
     budget: tuple[int, ...] = ()
     score: float | None = None  # recall measured by the search, informational only
+    mass: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pattern", _parse_pattern(self.pattern))
@@ -104,6 +111,8 @@ class HeadPattern:
             )
         object.__setattr__(self, "budget", tuple(self.budget))
         self.validate()
+        if self.mass is not None:
+            object.__setattr__(self, "mass", float(self.mass))
 
     # -- constructors --------------------------------------------------------------------------
     @classmethod
@@ -111,8 +120,8 @@ class HeadPattern:
         return cls(Pattern.A_SHAPE, (n_init, n_local))
 
     @classmethod
-    def vertical_slash(cls, v: int = 1000, s: int = 6096) -> "HeadPattern":
-        return cls(Pattern.VERTICAL_SLASH, (v, s))
+    def vertical_slash(cls, v: int = 1000, s: int = 6096, mass: float | None = None) -> "HeadPattern":
+        return cls(Pattern.VERTICAL_SLASH, (v, s), mass=mass)
 
     @classmethod
     def block_sparse(cls, top_k: int = 100) -> "HeadPattern":
@@ -145,12 +154,18 @@ class HeadPattern:
                 raise ConfigError(
                     f"{where}{self.pattern.value} budget {name} must be positive, got {value}"
                 )
+        if self.mass is not None:
+            if self.pattern is not Pattern.VERTICAL_SLASH:
+                raise ConfigError(f"{where}mass applies to vertical_slash heads only, not {self.pattern.value!r}")
+            check_mass(self.mass, f"{where}vertical_slash mass")
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"pattern": self.pattern.value}
         out.update(zip(BUDGET_NAMES[self.pattern], self.budget))
         if self.score is not None:
             out["score"] = self.score
+        if self.mass is not None:
+            out["mass"] = self.mass
         return out
 
     @classmethod
@@ -162,19 +177,29 @@ class HeadPattern:
             raise ConfigError(f"{where}expected a head entry like {{'pattern': 'vertical_slash', 'v': 1000, 's': 6096}}, got {obj!r}")
         pattern = _parse_pattern(obj["pattern"], where)
         names = BUDGET_NAMES[pattern]
-        unknown = set(obj) - {"pattern", "score", *names}
+        unknown = set(obj) - {"pattern", "score", *names, *(("mass",) if pattern is Pattern.VERTICAL_SLASH else ())}
         if unknown:
             raise ConfigError(f"{where}unknown key(s) {sorted(unknown)} for pattern {pattern.value!r} (takes {names})")
         budget = tuple(obj.get(n, d) for n, d in zip(names, DEFAULT_BUDGETS[pattern]))
         try:
-            return cls(pattern, budget, obj.get("score"))
+            return cls(pattern, budget, obj.get("score"), obj.get("mass"))
         except ConfigError as e:
             raise ConfigError(f"{where}{e}") from None
 
     def describe(self) -> str:
         if not self.budget:
             return self.pattern.value
-        return f"{self.pattern.value}(" + ", ".join(f"{n}={v}" for n, v in zip(BUDGET_NAMES[self.pattern], self.budget)) + ")"
+        parts = [f"{n}={v}" for n, v in zip(BUDGET_NAMES[self.pattern], self.budget)]
+        if self.mass is not None:
+            parts.append(f"mass={self.mass:g}")
+        return f"{self.pattern.value}(" + ", ".join(parts) + ")"
+
+
+def check_mass(value: Any, name: str = "mass") -> float:
+    """A mass target: a number in (0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ConfigError(f"{name} must be a number in (0, 1], got {value!r}")
+    return float(value)
 
 
 def _parse_pattern(value: Any, where: str = "") -> Pattern:
@@ -247,6 +272,9 @@ class ModelPlan:
         for layer in self.layers:
             d = {}
             for h, hp in enumerate(layer):
+                if hp.mass is not None:
+                    raise ConfigError(f"{_where(len(out), h)}MInference's format has no mass target "
+                                      f"({hp.describe()}); keep this plan in our format")
                 b = list(hp.budget) + [0] * (2 - len(hp.budget))
                 d[str(h)] = [names[hp.pattern], b[0], b[1], hp.score]
             out.append(d)
@@ -362,6 +390,9 @@ class BackendConfig:
       layer runs dense SDPA instead (dense kernels are faster per pair). Reading the share costs one
       small device-to-host copy per layer; it is skipped while a CUDA graph is being captured.
       1.0 disables the check.
+    - ``mass``: the adaptive index's target share of each vertical-slash head's estimated attention
+      mass (a number in (0, 1]; heads with their own ``HeadPattern.mass`` keep theirs). The
+      head's ``(v, s)`` budgets are then caps. None: MInference's fixed budgets.
     """
 
     plan: ModelPlan = dataclasses.field(default_factory=ModelPlan)
@@ -371,6 +402,7 @@ class BackendConfig:
     block_m: int = 128
     impl: str = "auto"
     max_density: float = 0.6
+    mass: float | None = DEFAULT_MASS
 
     def __post_init__(self) -> None:
         plan = self.plan
@@ -400,6 +432,8 @@ class BackendConfig:
         if isinstance(self.max_density, bool) or not isinstance(self.max_density, (int, float)) or not 0.0 < self.max_density <= 1.0:
             raise ConfigError(f"max_density must be in (0, 1], got {self.max_density!r}")
         object.__setattr__(self, "max_density", float(self.max_density))
+        if self.mass is not None:
+            object.__setattr__(self, "mass", check_mass(self.mass, "mass"))
         if self.block_m not in (64, 128):
             raise ConfigError(f"block_m must be 64 or 128, got {self.block_m}")
         if self.impl not in ("auto", "triton", "reference"):

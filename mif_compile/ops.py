@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .config import PATTERN_FROM_CODE, HeadPattern, Pattern, clamp_budget
 
-__all__ = ["sparse_attention", "dense_attention", "run_layer", "encode_heads", "build_layer_index", "kept_density", "collect_stats", "BLOCK_N"]
+__all__ = ["sparse_attention", "dense_attention", "run_layer", "encode_heads", "encode_mass", "build_layer_index", "kept_density", "collect_stats", "BLOCK_N"]
 
 BLOCK_N = 64  # key granularity of every pattern (contract: docs/kernel-contract.md)
 
@@ -37,6 +37,14 @@ def encode_heads(heads: Sequence[HeadPattern]) -> tuple[list[int], list[int], li
         b0.append(int(b[0]))
         b1.append(int(b[1]))
     return codes, b0, b1
+
+
+def encode_mass(heads: Sequence[HeadPattern]) -> list[float]:
+    """HeadPatterns -> the op's per-head mass targets (0.0: fixed budgets or not vertical-slash)."""
+    return [float(hp.mass) if hp.mass is not None and hp.pattern is Pattern.VERTICAL_SLASH else 0.0 for hp in heads]
+
+
+_MASS_SCALE = 1 << 24  # mass targets travel in the int64 plan buffer as fixed point
 
 
 def dense_attention(
@@ -67,21 +75,31 @@ class _LayerPlan:
     n_sink: tuple
     n_local: tuple  # A-shape heads' local window (0 elsewhere)
     top_k: tuple
+    mass: tuple  # per head, fixed point (x / _MASS_SCALE); 0 = fixed budgets
+    has_adaptive_vs: bool
     cap_s: int
     cap_v: int
     cap_bs: int
 
 
 @functools.lru_cache(maxsize=256)
-def _layer_plan(patterns: tuple, b0: tuple, b1: tuple, n: int, block_m: int) -> _LayerPlan:
-    v_count, s_count, n_sink, n_local, top_k, caps = [], [], [], [], [], []
+def _layer_plan(patterns: tuple, b0: tuple, b1: tuple, n: int, block_m: int, mass: tuple = ()) -> _LayerPlan:
+    from .kernels.select import adaptive_cap_s, slash_group_count
+
+    v_count, s_count, n_sink, n_local, top_k, caps, mass_fx = [], [], [], [], [], [], []
     n_blocks = math.ceil(n / BLOCK_N)
-    for code, a, b in zip(patterns, b0, b1):
+    mass = tuple(mass) or (0.0,) * len(patterns)
+    for code, a, b, m in zip(patterns, b0, b1, mass):
         p = PATTERN_FROM_CODE[code]
-        vc = sc = sink = loc = tk = 0
+        vc = sc = sink = loc = tk = mfx = 0
         if p is Pattern.VERTICAL_SLASH:
             vc, sc = clamp_budget(p, (a, b), n)
-            caps.append(sc * (block_m // BLOCK_N + 1) + 1)
+            # an adaptive head falls back to the fixed choice where its target is not reached: the index
+            # is sized for both
+            caps.append(max(sc * (block_m // BLOCK_N + 1) + 1,
+                            adaptive_cap_s(slash_group_count(sc), block_m, BLOCK_N)))
+            if m > 0:
+                mfx = max(1, round(m * _MASS_SCALE))
         elif p is Pattern.A_SHAPE:
             sink, loc = clamp_budget(p, (a, b), n)
             caps.append(math.ceil((loc + block_m) / BLOCK_N) + math.ceil(sink / BLOCK_N) + 2)
@@ -95,7 +113,9 @@ def _layer_plan(patterns: tuple, b0: tuple, b1: tuple, n: int, block_m: int) -> 
         n_sink.append(sink)
         n_local.append(loc)
         top_k.append(tk)
+        mass_fx.append(mfx)
     kinds = {PATTERN_FROM_CODE[c] for c in patterns}
+    vs_heads = [i for i, c in enumerate(patterns) if PATTERN_FROM_CODE[c] is Pattern.VERTICAL_SLASH]
     return _LayerPlan(
         has_vs=Pattern.VERTICAL_SLASH in kinds,
         has_ashape=Pattern.A_SHAPE in kinds,
@@ -106,6 +126,8 @@ def _layer_plan(patterns: tuple, b0: tuple, b1: tuple, n: int, block_m: int) -> 
         n_sink=tuple(n_sink),
         n_local=tuple(n_local),
         top_k=tuple(top_k),
+        mass=tuple(mass_fx),
+        has_adaptive_vs=any(mass_fx[i] > 0 for i in vs_heads),
         cap_s=max(1, min(max(caps, default=1), n_blocks + 1)),
         cap_v=max(1, max(v_count)),
         cap_bs=max(1, min(max(top_k) * (block_m // BLOCK_N), n_blocks)),
@@ -123,17 +145,18 @@ def _plan_tensors(lp: _LayerPlan, device: torch.device) -> dict[str, torch.Tenso
     ``mode="reduce-overhead"`` the op's first run happens inside the CUDA-graph memory pool, where a
     cached device tensor would be a live allocation the graph does not own (cudagraph trees refuse
     that), and a copy from pinned memory is legal inside a capture."""
-    rows = (lp.v_count, lp.s_count, lp.n_sink, lp.n_local, lp.top_k)
+    rows = (lp.v_count, lp.s_count, lp.n_sink, lp.n_local, lp.top_k, lp.mass)
     key = (rows, device.type)
     host = _HOST_PLAN.get(key)
     if host is None:
-        host = torch.tensor(rows, dtype=torch.int64)  # [5, H]
+        host = torch.tensor(rows, dtype=torch.int64)  # [6, H]
         if device.type == "cuda":
             host = host.pin_memory()
         _HOST_PLAN[key] = host
     plan = host.to(device, non_blocking=True) if device.type != "cpu" else host
-    v_count, s_count, n_sink, n_local, top_k = plan.unbind(0)
-    t = {"v_count": v_count, "s_count": s_count, "n_sink": n_sink, "top_k": top_k, "is_bs": top_k > 0}
+    v_count, s_count, n_sink, n_local, top_k, mass = plan.unbind(0)
+    t = {"v_count": v_count, "s_count": s_count, "n_sink": n_sink, "top_k": top_k, "is_bs": top_k > 0,
+         "mass": mass.to(torch.float32) / _MASS_SCALE, "is_adaptive": mass > 0}
     if lp.has_ashape:
         offs = torch.arange(max(lp.n_local), dtype=torch.int64, device=device)
         # [H, width]: 0..n_local-1 for A-shape heads, -1 elsewhere
@@ -175,12 +198,14 @@ def run_layer(
     block_m: int = 128,
     impl: str = "auto",
     max_density: float = 1.0,
+    mass: Optional[Sequence[float]] = None,
 ) -> torch.Tensor:
     """One attention layer of a causal prefill. q: [B, H, N, D]; k, v: [B, Hkv, N, D] -> [B, H, N, D]."""
     n = q.shape[2]
     if n < max(min_seq_len, 2) or all(c == Pattern.DENSE.code for c in patterns):
         return dense_attention(q, k, v, key_padding, scale)
-    index = build_layer_index(q, k, key_padding, scale, patterns, budget0, budget1, last_q, block_m, impl)
+    index = build_layer_index(q, k, key_padding, scale, patterns, budget0, budget1, last_q, block_m, impl,
+                              mass=mass)
     check = max_density < 1.0
     if (check or _STATS is not None) and not _capturing(q):
         # one tiny device->host read per layer (never while a CUDA graph is captured): when the
@@ -211,13 +236,15 @@ def build_layer_index(
     block_m: int = 128,
     impl: str = "auto",
     vs_scores: Optional[tuple] = None,
+    mass: Optional[Sequence[float]] = None,
 ):
-    """The unified sparse index of one layer (all heads, their patterns mixed): estimation, top-k and
-    index building as the op runs them. ``vs_scores`` reuses a ``vertical_slash_scores`` result."""
+    """The unified sparse index of one layer (all heads, their patterns mixed): estimation, top-k (or the
+    mass-targeted selection for heads with ``mass[h] > 0``) and index building as the op runs them.
+    ``vs_scores`` reuses a ``vertical_slash_scores`` result."""
     from . import kernels as K
 
     n = q.shape[2]
-    lp = _layer_plan(tuple(patterns), tuple(budget0), tuple(budget1), n, block_m)
+    lp = _layer_plan(tuple(patterns), tuple(budget0), tuple(budget1), n, block_m, tuple(mass or ()))
     t = _plan_tensors(lp, q.device)
     b, h = q.shape[0], q.shape[1]
     index = None
@@ -225,8 +252,19 @@ def build_layer_index(
         if lp.has_vs:
             col, diag = vs_scores if vs_scores is not None else K.vertical_slash_scores(
                 q, k, last_q=last_q, scale=scale, key_padding=key_padding, impl=impl)
+            # MInference's fixed budgets: the plan for fixed heads, and the fallback of adaptive heads
+            # whose estimated mass does not reach the target within the caps (too little structure)
             v_idx, s_off = K.vertical_slash_topk(col, diag, t["v_count"], t["s_count"],
                                                  v_max=max(lp.v_count), s_max=max(lp.s_count))
+            if lp.has_adaptive_vs:
+                adaptive = [i for i, m in enumerate(lp.mass) if m > 0]
+                va, sa, reached = K.vertical_slash_select(
+                    col, diag, t["v_count"], t["s_count"], t["mass"], last_q=last_q,
+                    v_max=max(lp.v_count[i] for i in adaptive), s_max=max(lp.s_count[i] for i in adaptive))
+                sel = (t["is_adaptive"][None, :] & reached)[..., None]  # [B, H, 1]
+                vw, sw = max(va.shape[-1], v_idx.shape[-1]), max(sa.shape[-1], s_off.shape[-1])
+                v_idx = torch.where(sel, _pad_last(va, vw), _pad_last(v_idx, vw))
+                s_off = torch.where(sel, _pad_last(sa, sw), _pad_last(s_off, sw))
         else:
             v_idx = torch.full((b, h, 1), -1, dtype=torch.int32, device=q.device)
             s_off = torch.full((b, h, 1), -1, dtype=torch.int32, device=q.device)
@@ -294,13 +332,15 @@ def sparse_attention(
     block_m: int,
     impl: str,
     max_density: float,
+    mass: Optional[list[float]] = None,
 ) -> torch.Tensor:
-    """Causal prefill attention of one layer with a per-head MInference plan (see :func:`run_layer`)."""
+    """Causal prefill attention of one layer with a per-head MInference plan (see :func:`run_layer`);
+    ``mass``: per-head targets of the adaptive index (0.0 or None: fixed budgets)."""
     return run_layer(q, k, v, key_padding, scale, patterns, budget0, budget1, min_seq_len, last_q, block_m, impl,
-                     max_density)
+                     max_density, mass)
 
 
 @sparse_attention.register_fake
 def _sparse_attention_fake(q, k, v, key_padding, scale, patterns, budget0, budget1, min_seq_len, last_q, block_m, impl,
-                           max_density):
+                           max_density, mass=None):
     return q.new_empty(q.shape)  # contiguous, like the real op's output

@@ -1,0 +1,126 @@
+"""Mass-targeted vertical-slash selection: the adaptive index's choice, in the kernel's currency.
+
+MInference keeps a fixed number of diagonals (slashes) and columns (verticals) per head. The sparse
+kernel computes tiles of BLOCK_M queries x 64 keys, so an isolated diagonal costs 2-3 key tiles per
+query block while it holds the mass of one key per row, and a fixed budget keeps picking after the
+mass is covered. Here each head picks, per input, from two kinds of candidates:
+
+- *slash groups*: 64 consecutive diagonal offsets [64 g, 64 g + 64). Their estimated mass is the sum
+  of the probe's diagonal scores over the group; their cost in keys per row is 64 when a neighbouring
+  group holds at least as much mass (it will be picked first and the two share tiles) and 192 when
+  isolated (a 64-wide band crosses a 128-query block as 191 keys);
+- *columns*: single keys, cost 1, mass = the part of the probe's column score that the diagonal
+  scores do not explain (the column score minus the mean diagonal score over the offsets at which the
+  key meets the probe rows): a key that is hit by a slash or sits in the local window has no mass of
+  its own, a vertical keeps almost all of its score, so the two kinds are not counted twice.
+
+Candidates are taken in order of mass per unit of cost, forced ones first (the first ``n_force_v``
+columns and the groups of the ``n_force_s`` nearest diagonals), until the kept mass reaches
+``mass[h]`` times the head's total probe mass, within the caps ``v_count[h]`` columns and
+``ceil(s_count[h] / 64)`` groups (a target of 1 keeps every candidate within the caps). Mass is estimated from the last queries only (MInference's
+assumption that the pattern is stable along the sequence), so the target is an estimate, not a
+guarantee for every row.
+
+Pure torch on [B, H, N] and [B, H, candidates] tensors, shared by both implementations: a few
+launches, no host synchronisation (caps are Python ints), capturable in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+GROUP = 64  # diagonals per slash group (the key tile width)
+
+
+def slash_group_count(s_count: int, n_force_s: int = 100) -> int:
+    """Groups of 64 diagonals that a slash cap of ``s_count`` diagonals allows (never fewer than the
+    groups of the ``n_force_s`` forced diagonals)."""
+    return max(1, math.ceil(s_count / GROUP), math.ceil(n_force_s / GROUP))
+
+
+def vertical_slash_select(col, diag, v_count, s_count, mass, *, last_q: int, n_force_v: int = 30,
+                          n_force_s: int = 100, v_max: int, s_max: int):
+    """int32 (v_idx [B, H, Vc], s_off [B, H, Gc * 64]), -1 = unused, for heads with ``mass[h] > 0``,
+    and bool ``reached`` [B, H]: the kept candidates' estimated mass meets the target within the caps.
+    (Where it does not, the attention has too little structure for the caps: the op then uses the
+    fixed-budget choice for that head, MInference's reading of the same budgets.)
+
+    col, diag: fp32 [B, H, N] from ``vertical_slash_scores``; v_count, s_count: int64 [H] caps
+    (clamped like MInference's budgets); mass: fp32 [H] targets in (0, 1] (a head with 0 keeps only
+    its forced candidates); v_max, s_max: the largest caps as Python ints (no device read).
+    """
+    B, H, N = col.shape
+    dev = col.device
+    G = math.ceil(N / GROUP)
+    n_forced_groups = min(G, slash_group_count(n_force_s))
+    ql = min(last_q, N)
+
+    # slash groups: mass, cost, and the order key mass / cost
+    gm = torch.nn.functional.pad(diag, (0, G * GROUP - N)).view(B, H, G, GROUP).sum(-1)  # [B, H, G]
+    total = gm.sum(-1, keepdim=True)  # [B, H, 1]: all of the probe's mass (each key has one offset)
+    ninf = torch.full_like(gm[..., :1], float("-inf"))
+    left = torch.cat([ninf, gm[..., :-1]], -1)
+    right = torch.cat([gm[..., 1:], ninf], -1)
+    isolated = (left < gm) & (right < gm)
+    g_ratio = gm / torch.where(isolated, 3.0 * GROUP, 1.0 * GROUP)
+    g_ratio[..., :n_forced_groups] = float("inf")
+    kg = min(G, slash_group_count(s_max, n_force_s))
+    g_ratio, g_idx = torch.topk(g_ratio, kg, dim=-1, sorted=True)  # [B, H, kg]
+    g_mass = gm.gather(-1, g_idx)
+    g_cap = torch.clamp(_groups_of(s_count.to(dev)), min=n_forced_groups)
+    g_rank_ok = torch.arange(kg, device=dev)[None, :] < g_cap[:, None]  # [H, kg]
+
+    # columns: the mass the diagonals do not explain, cost 1. Key j meets the probe rows at offsets
+    # N - ql - j .. N - 1 - j; if attention depended on the offset alone, its column score would be the
+    # mean diagonal score over those offsets. Only the excess is the key's own (a vertical): a key hit
+    # by a slash or the local window carries no mass of its own, so the two are not counted twice.
+    dcum = torch.nn.functional.pad(diag.cumsum(-1), (1, 0))  # [B, H, N + 1]: dcum[t] = sum of diag[:t]
+    j = torch.arange(N, device=dev)
+    hi = (N - j).clamp(max=N)
+    lo = (N - ql - j).clamp(min=0)
+    explained = (dcum[..., hi] - dcum[..., lo]) / ql
+    cm = (col - explained).clamp(min=0.0)
+    c_score = cm.clone()
+    c_score[..., :n_force_v] = float("inf")
+    kc = min(N, v_max)
+    c_ratio, c_idx = torch.topk(c_score, kc, dim=-1, sorted=True)  # [B, H, kc]
+    c_mass = cm.gather(-1, c_idx)
+    c_rank_ok = torch.arange(kc, device=dev)[None, :] < v_count.to(dev)[:, None]  # [H, kc]
+
+    # one ordering per head: forced first, then mass per unit of cost; keep until the target is met
+    ratio = torch.cat([c_ratio, g_ratio], -1)
+    cand_mass = torch.cat([c_mass, g_mass], -1)
+    ok = torch.cat([c_rank_ok, g_rank_ok], -1)[None].expand(B, H, kc + kg)
+    forced = ok & (ratio == float("inf"))  # sorted first
+    ratio = torch.where(ok, ratio, float("-inf"))
+    cand_mass = torch.where(ok, cand_mass, 0.0)
+    order = torch.sort(ratio, dim=-1, descending=True, stable=True).indices
+    m_sorted = cand_mass.gather(-1, order)
+    before = m_sorted.cumsum(-1) - m_sorted  # kept mass before this candidate
+    target = mass.to(dev, torch.float32)[None, :, None] * total
+    everything = mass.to(dev)[None, :, None] >= 1.0  # mass 1: every candidate within the caps
+    keep_sorted = ((before < target) & (m_sorted > 0)) | (everything & (ratio.gather(-1, order) > float("-inf")))
+    reached = (keep_sorted * m_sorted).sum(-1) >= target[..., 0] * (1 - 1e-6)  # [B, H]
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    keep = keep | forced
+    keep_c, keep_g = keep[..., :kc], keep[..., kc:]
+
+    v_idx = torch.where(keep_c, c_idx, -1).to(torch.int32)
+    offs = g_idx[..., None] * GROUP + torch.arange(GROUP, device=dev)  # [B, H, kg, 64]
+    s_off = torch.where(keep_g[..., None] & (offs < N), offs, -1).flatten(-2).to(torch.int32)
+    return v_idx, s_off, reached
+
+
+def _groups_of(s_count: torch.Tensor) -> torch.Tensor:
+    return (s_count + GROUP - 1) // GROUP
+
+
+def adaptive_cap_s(n_groups: int, block_m: int, block_n: int = 64) -> int:
+    """A bound on the blocks one query block's index can hold for ``n_groups`` selected groups.
+
+    A run of k adjacent groups is a window of 64 k + block_m - 1 keys: at most k + block_m // block_n
+    + 1 blocks; filling a gap smaller than block_n when two runs merge adds at most one block.
+    """
+    return n_groups * (block_m // block_n + 2) + 1

@@ -1,0 +1,164 @@
+"""The adaptive (mass-targeted) vertical-slash selection against a per-head loop that states the rule.
+
+The rule (kernels/select.py): candidates are 64-diagonal groups (mass = sum of the group's diagonal
+scores, cost 64 keys, or 192 when both neighbours hold less) and single columns (cost 1, mass = the
+column score minus the mean diagonal score over the offsets where the key meets the probe rows); forced ones first (the first 30 columns,
+the groups of the 100 nearest diagonals), then by mass / cost, kept while the mass kept so far is
+below mass * total, within the caps.
+"""
+
+import math
+
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from mif_compile import kernels as K
+from mif_compile.kernels.reference import build_vs_index
+from mif_compile.kernels.select import adaptive_cap_s, slash_group_count
+
+
+def _loop_select(col, diag, v_count, s_count, mass, last_q, n_force_v=30, n_force_s=100):
+    """Set of kept columns and groups per (b, h), one candidate at a time."""
+    B, H, N = col.shape
+    G = math.ceil(N / 64)
+    nfg = min(G, math.ceil(n_force_s / 64))
+    ql = min(last_q, N)
+    out = {}
+    for b in range(B):
+        for h in range(H):
+            d = diag[b, h].tolist() + [0.0] * (G * 64 - N)
+            gm = [sum(d[64 * g: 64 * g + 64]) for g in range(G)]
+            total = sum(gm)
+            cands = []  # (forced, ratio, mass, kind, id)
+            g_ratio = []
+            for g in range(G):
+                lft = gm[g - 1] if g > 0 else -math.inf
+                rgt = gm[g + 1] if g + 1 < G else -math.inf
+                cost = 192.0 if (lft < gm[g] and rgt < gm[g]) else 64.0
+                g_ratio.append((g < nfg, math.inf if g < nfg else gm[g] / cost, g))
+            g_top = sorted(g_ratio, key=lambda t: (not t[0], -t[1], t[2]))[: min(G, slash_group_count(int(s_count[h]), n_force_s))]
+            dd = diag[b, h].double().tolist()
+            cm = [max(0.0, float(col[b, h, j]) - sum(dd[max(0, N - ql - j): N - j]) / ql) for j in range(N)]
+            c_top = sorted(range(N), key=lambda j: (j >= n_force_v, -cm[j], j))[: min(N, int(v_count[h]))]
+            for f, r, g in g_top:
+                cands.append((f, r, gm[g], "g", g))
+            for j in c_top:
+                cands.append((j < n_force_v, cm[j], cm[j], "c", j))
+            cands.sort(key=lambda t: (not t[0], -t[1]))
+            kept, acc, kept_mass = set(), 0.0, 0.0
+            for f, r, m, kind, i in cands:
+                if f or (acc < float(mass[h]) * total and m > 0) or float(mass[h]) >= 1.0:
+                    kept.add((kind, i))
+                    kept_mass += m
+                acc += m
+            out[b, h] = kept
+            out["mass", b, h] = {(kind, i): (math.inf if f else m) for f, r, m, kind, i in cands}
+            out["reached", b, h] = kept_mass >= float(mass[h]) * total * (1 - 1e-6)
+    return out
+
+
+def _as_sets(v_idx, s_off):
+    B, H = v_idx.shape[:2]
+    out = {}
+    for b in range(B):
+        for h in range(H):
+            cs = {("c", int(j)) for j in v_idx[b, h] if j >= 0}
+            gs = {("g", int(o) // 64) for o in s_off[b, h] if o >= 0}
+            out[b, h] = cs | gs
+    return out
+
+
+def _scores(B, H, N, seed, spiky):
+    g = torch.Generator().manual_seed(seed)
+    col = torch.rand(B, H, N, generator=g)
+    diag = torch.rand(B, H, N, generator=g)
+    if spiky:  # a few heavy entries, like real attention: distinct values, no ties
+        col = col ** 8 * 10
+        diag = diag ** 8 * 10
+    return col, diag
+
+
+@settings(deadline=None, max_examples=30)
+@given(N=st.integers(1, 700), H=st.integers(1, 3), seed=st.integers(0, 10**6),
+       v=st.integers(30, 200), s=st.integers(50, 400), m=st.sampled_from([0.0, 0.3, 0.8, 0.95, 1.0]),
+       last_q=st.sampled_from([1, 16, 64]), spiky=st.booleans())
+@example(N=1, H=1, seed=0, v=30, s=50, m=1.0, last_q=64, spiky=False)
+@example(N=130, H=2, seed=1, v=30, s=50, m=0.5, last_q=64, spiky=True)
+def test_select_matches_the_rule(N, H, seed, v, s, m, last_q, spiky):
+    col, diag = _scores(2, H, N, seed, spiky)
+    vc = torch.tensor([min(N, v + 7 * h) for h in range(H)])
+    sc = torch.tensor([min(N, s + 33 * h) for h in range(H)])
+    mass = torch.tensor([m * (1 - 0.1 * h) for h in range(H)], dtype=torch.float32)
+    v_idx, s_off, reached = K.vertical_slash_select(col, diag, vc, sc, mass, last_q=last_q)
+    got, want = _as_sets(v_idx, s_off), _loop_select(col, diag, vc, sc, mass, last_q)
+    for key in want:
+        if key[0] == "reached":
+            _, b, h = key
+            assert bool(reached[b, h]) == want[key] or abs(float(mass[h])) < 1e-6, key
+        elif key[0] != "mass":
+            # candidates of equal (zero) mass may be cut by the caps in either order: compare the rest
+            m = want["mass", *key]
+            assert {x for x in got[key] if m.get(x, 0) > 0} == {x for x in want[key] if m[x] > 0}, key
+            assert len(got[key]) == len(want[key]), key
+    # the outputs are what the index builder takes: offsets < N, groups whole, columns distinct
+    assert ((s_off == -1) | ((s_off >= 0) & (s_off < N))).all()
+    assert ((v_idx == -1) | ((v_idx >= 0) & (v_idx < N))).all()
+
+
+def test_more_mass_keeps_a_superset():
+    col, diag = _scores(1, 2, 2000, 3, True)
+    prev = None
+    for m in (0.1, 0.5, 0.9, 0.99, 1.0):
+        sets = _as_sets(*K.vertical_slash_select(col, diag, 500, 2000, m, last_q=64)[:2])
+        if prev is not None:
+            assert all(prev[k] <= sets[k] for k in sets)
+        prev = sets
+
+
+def test_forced_candidates_always_kept_and_caps_hold():
+    col, diag = _scores(1, 1, 3000, 5, True)
+    v_idx, s_off, _ = K.vertical_slash_select(col, diag, 40, 200, 0.0, last_q=64)
+    assert set(v_idx[v_idx >= 0].tolist()) == set(range(30))
+    assert set((s_off[s_off >= 0] // 64).tolist()) == {0, 1}
+    v_idx, s_off, _ = K.vertical_slash_select(col, diag, 40, 200, 1.0, last_q=64)
+    assert int((v_idx >= 0).sum()) <= 40
+    assert len(set((s_off[s_off >= 0] // 64).tolist())) <= slash_group_count(200)
+
+
+def test_stops_at_the_target_on_concentrated_mass():
+    """Mass on the first 4 diagonal groups and one distant group: 0.95 keeps those, not the caps."""
+    N = 4096
+    diag = torch.full((1, 1, N), 1e-6)
+    diag[..., :256] = 1.0
+    diag[..., 2048:2112] = 0.5
+    col = torch.full((1, 1, N), 1e-6)
+    col[..., 700] = 3.0
+    v_idx, s_off, _ = K.vertical_slash_select(col, diag, 1000, 4096, 0.95, last_q=64)
+    groups = set((s_off[s_off >= 0] // 64).tolist())
+    assert groups == {0, 1, 2, 3, 32}
+    assert 700 in v_idx.tolist()[0][0]
+    assert int((v_idx >= 0).sum()) == 31  # the forced 30 and the heavy one
+
+
+@settings(deadline=None, max_examples=25)
+@given(N=st.integers(64, 1500), seed=st.integers(0, 10**6), s=st.integers(50, 1500), block_m=st.sampled_from([64, 128]))
+def test_adaptive_cap_s_never_truncates(N, seed, s, block_m):
+    """The op sizes block_offset with adaptive_cap_s: the index must never need more."""
+    col, diag = _scores(1, 2, N, seed, False)
+    sc = min(N, s)
+    v_idx, s_off, _ = K.vertical_slash_select(col, diag, 30, sc, 1.0, last_q=64)
+    cap = adaptive_cap_s(slash_group_count(sc), block_m)
+    big = build_vs_index(v_idx, s_off, torch.zeros(2, dtype=torch.int64), seq_len=N, block_m=block_m,
+                         cap_s=math.ceil(N / 64) + 1, cap_v=30)
+    assert int(big.block_count.max()) <= cap
+
+
+@pytest.mark.parametrize("impl", ["reference"])
+def test_validation_names_the_argument(impl):
+    col, diag = _scores(1, 2, 100, 0, False)
+    with pytest.raises(ValueError, match="mass"):
+        K.vertical_slash_select(col, diag, 30, 50, [0.5, 1.5], last_q=64)
+    with pytest.raises(ValueError, match="one entry per head"):
+        K.vertical_slash_select(col, diag, 30, 50, [0.5, 0.5, 0.5], last_q=64)
