@@ -1,0 +1,47 @@
+"""GPU: the adaptive index through the Triton path (estimation, selection, index kernel, attention)."""
+
+import pytest
+import torch
+
+from mif_compile import HeadPattern, kernels as K, ops
+from mif_compile.testing import assert_close_to_ref64
+
+pytestmark = pytest.mark.cuda
+
+
+def _inputs(n, seed=0):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from bench_adaptive import rope_structured
+
+    return rope_structured(n, heads=4, kv_heads=2, seed=seed, device="cuda")
+
+
+@pytest.mark.parametrize("n", [4096, 20000])
+def test_index_kernel_equals_reference_on_adaptive_choice(n):
+    q, k, v = _inputs(n)
+    col, diag = K.vertical_slash_scores(q, k, last_q=64, scale=128 ** -0.5)
+    v_idx, s_off, reached = K.vertical_slash_select(col, diag, 1000, 6096, 0.95, last_q=64, v_max=1000, s_max=6096)
+    assert bool(reached.all())
+    sink = torch.zeros(4, dtype=torch.int64, device="cuda")
+    from mif_compile.kernels.select import adaptive_cap_s, slash_group_count
+
+    cap = adaptive_cap_s(slash_group_count(6096), 128)
+    a = K.build_vs_index(v_idx, s_off, sink, seq_len=n, block_m=128, cap_s=cap, cap_v=1000, impl="triton")
+    b = K.build_vs_index(v_idx, s_off, sink, seq_len=n, block_m=128, cap_s=cap, cap_v=1000, impl="reference")
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_op_triton_equals_reference_on_the_same_index():
+    n = 20000
+    q, k, v = _inputs(n, seed=3)
+    heads = [HeadPattern.vertical_slash(mass=0.95)] * 4
+    codes, b0, b1 = ops.encode_heads(heads)
+    idx = ops.build_layer_index(q, k, None, 128 ** -0.5, codes, b0, b1, 64, 128, "triton", mass=ops.encode_mass(heads))
+    out = K.sparse_attention(q, k, v, idx, scale=128 ** -0.5, block_m=128, impl="triton")
+    ref64 = K.sparse_attention(q.double(), k.double(), v.double(), idx, scale=128 ** -0.5, block_m=128, impl="reference")
+    pt = K.sparse_attention(q, k, v, idx, scale=128 ** -0.5, block_m=128, impl="reference")
+    assert_close_to_ref64(out, pt, ref64)
+    assert float(ops.kept_density(idx, n, 128)) < 0.2
