@@ -4,7 +4,8 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/out}; mkdir -p "$out"
-pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || python3 -m pip install -q --no-deps -e . >"$out/pip.log" 2>&1
+python3 -m pip install -q -e . --no-deps --no-build-isolation 2>&1 | tail -3
+python3 -c "import mif_compile.kernels as K; print(K.__file__)" || exit 1
 stages=${*:-tests bench random}
 nvidia-smi -L | tee "$out/gpu.txt"
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" | tee -a "$out/gpu.txt"
