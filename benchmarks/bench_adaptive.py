@@ -28,7 +28,7 @@ from mif_compile import HeadPattern
 
 def rope_structured(n, *, heads=8, kv_heads=2, dim=128, seed=0, device="cuda", dtype=torch.bfloat16,
                     local=1.0, slash=1.0, sink=1.0, heavy=1.0, noise=0.3, n_heavy=8):
-    """q [1, H, n, D], k, v [1, Hkv, n, D] in O(n * D) memory. Pairs 0..23 of 64 rotate (local window,
+    """q [1, H, n, D], k, v [1, Hkv, n, D] in O(n * D) memory (structure logits scaled by log n / log 8192). Pairs 0..23 of 64 rotate (local window,
     per-head slash at offset 1000 + 1777 h), pairs 24..63 do not (sink at key 0, heavy keys)."""
     g = torch.Generator(device=device).manual_seed(seed)
     half = dim // 2
@@ -53,8 +53,9 @@ def rope_structured(n, *, heads=8, kv_heads=2, dim=128, seed=0, device="cuda", d
         q[0, h, :, :half] = lr + sr
         q[0, h, :, half:] = li + si
         q[0, h, :, n_rot] += 1.0  # every query looks along the unrotated sink/heavy direction
-    # per-pair logit: q amplitude * k amplitude; 24 rotated pairs at offset 0 sum to 24 * a * b
-    q = q * scale_logit
+    # per-pair logit: q amplitude * k amplitude; 24 rotated pairs at offset 0 sum to 24 * a * b. Logits
+    # grow with log(n) (as trained long-context attention sharpens), so the structure stays sparse
+    q = q * scale_logit * (math.log(n) / math.log(8192))
     kr, ki = rot(amp.expand(n, half) * 0.5, 0 * amp, pos * theta)
     k = torch.zeros(1, kv_heads, n, dim, device=device)
     k[0, :, :, :half] = kr
@@ -111,6 +112,10 @@ def main(argv=None):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     dev = torch.device("cuda")
+    # one graph per (mode, length); Dynamo's default limit of 8 graphs per function would fall back to eager
+    torch._dynamo.config.cache_size_limit = 64
+    if hasattr(torch._dynamo.config, "recompile_limit"):
+        torch._dynamo.config.recompile_limit = 64
     masses = [float(m) for m in args.mass.split(",") if m]
     modes = {"fixed": None, **{f"mass={m:g}": m for m in masses}}
     compiled = {name: torch.compile(attn, backend=mif_compile.backend(mass=m, default_pattern=HeadPattern.vertical_slash()),

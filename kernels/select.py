@@ -6,13 +6,16 @@ query block while it holds the mass of one key per row, and a fixed budget keeps
 mass is covered. Here each head picks, per input, from two kinds of candidates:
 
 - *slash groups*: 64 consecutive diagonal offsets [64 g, 64 g + 64). Their estimated mass is the sum
-  of the probe's diagonal scores over the group; their cost in keys per row is 64 when a neighbouring
+  over the group of the probe's diagonal scores less what the candidate columns (below) put on those
+  offsets; their cost in keys per row is 64 when a neighbouring
   group holds at least as much mass (it will be picked first and the two share tiles) and 192 when
   isolated (a 64-wide band crosses a 128-query block as 191 keys);
 - *columns*: single keys, cost 1, mass = the part of the probe's column score that the diagonal
-  scores do not explain (the column score minus the mean diagonal score over the offsets at which the
-  key meets the probe rows): a key that is hit by a slash or sits in the local window has no mass of
-  its own, a vertical keeps almost all of its score, so the two kinds are not counted twice.
+  scores do not explain (the column score minus the mean, over the offsets at which the key meets the
+  probe rows, of each offset's group maximum of the diagonal scores): a key that is hit by a slash or
+  sits in the local window has no mass of its own, even where the band's noise makes its column score
+  spiky, while a vertical keeps almost all of its score; so the two kinds are not counted twice, and
+  the probe rows are not "covered" by columns along a band that would not serve any other row.
 
 Candidates are taken in order of mass per unit of cost, forced ones first (the first ``n_force_v``
 columns and the groups of the ``n_force_s`` nearest diagonals), until the kept mass reaches
@@ -57,9 +60,38 @@ def vertical_slash_select(col, diag, v_count, s_count, mass, *, last_q: int, n_f
     n_forced_groups = min(G, slash_group_count(n_force_s))
     ql = min(last_q, N)
 
-    # slash groups: mass, cost, and the order key mass / cost
-    gm = torch.nn.functional.pad(diag, (0, G * GROUP - N)).view(B, H, G, GROUP).sum(-1)  # [B, H, G]
-    total = gm.sum(-1, keepdim=True)  # [B, H, 1]: all of the probe's mass (each key has one offset)
+    # columns: the mass the diagonals do not explain, cost 1. Key j meets the probe rows at offsets
+    # N - ql - j .. N - 1 - j; if attention depended on the offset alone, its column score would be the
+    # mean diagonal score over those offsets. Only the excess is the key's own (a vertical): a key hit
+    # by a slash or the local window carries no mass of its own, so the two are not counted twice.
+    # The diagonal scores are noisy along a band (each row hits other keys there), so a band's keys have
+    # spiky column scores: the explanation uses each group's largest diagonal score, an upper envelope.
+    env = torch.nn.functional.pad(diag, (0, G * GROUP - N)).view(B, H, G, GROUP).amax(-1, keepdim=True)
+    env = env.expand(B, H, G, GROUP).reshape(B, H, G * GROUP)[..., :N]
+    dcum = torch.nn.functional.pad(env.cumsum(-1), (1, 0))  # [B, H, N + 1]: dcum[t] = sum of env[:t]
+    j = torch.arange(N, device=dev)
+    hi = N - j
+    lo = (N - ql - j).clamp(min=0)
+    explained = (dcum[..., hi] - dcum[..., lo]) / ql
+    cm = (col - explained).clamp(min=0.0)
+    c_score = cm.clone()
+    c_score[..., :n_force_v] = float("inf")
+    kc = min(N, v_max)
+    c_ratio, c_idx = torch.topk(c_score, kc, dim=-1, sorted=True)  # [B, H, kc]
+    c_mass = cm.gather(-1, c_idx)
+    c_rank_ok = torch.arange(kc, device=dev)[None, :] < v_count.to(dev)[:, None]  # [H, kc]
+
+    # slash groups: the diagonal scores less what the candidate columns put there (a vertical at key j
+    # adds its mass to the offsets at which it meets the probe rows, spread evenly), so a sink or a
+    # heavy key is not counted again as the far diagonals that reach it
+    c_lo, c_hi = lo[c_idx], hi[c_idx]  # [B, H, kc]
+    share = torch.where(c_rank_ok, c_mass, 0.0) / (c_hi - c_lo).clamp(min=1)
+    delta = torch.zeros(B, H, N + 1, device=dev, dtype=diag.dtype)
+    delta.scatter_add_(-1, c_lo, -share)
+    delta.scatter_add_(-1, c_hi, share)
+    slash = (diag + delta.cumsum(-1)[..., :N]).clamp(min=0.0)
+    total = diag.sum(-1, keepdim=True)  # [B, H, 1]: all of the probe's mass (each key has one offset)
+    gm = torch.nn.functional.pad(slash, (0, G * GROUP - N)).view(B, H, G, GROUP).sum(-1)  # [B, H, G]
     ninf = torch.full_like(gm[..., :1], float("-inf"))
     left = torch.cat([ninf, gm[..., :-1]], -1)
     right = torch.cat([gm[..., 1:], ninf], -1)
@@ -71,23 +103,6 @@ def vertical_slash_select(col, diag, v_count, s_count, mass, *, last_q: int, n_f
     g_mass = gm.gather(-1, g_idx)
     g_cap = torch.clamp(_groups_of(s_count.to(dev)), min=n_forced_groups)
     g_rank_ok = torch.arange(kg, device=dev)[None, :] < g_cap[:, None]  # [H, kg]
-
-    # columns: the mass the diagonals do not explain, cost 1. Key j meets the probe rows at offsets
-    # N - ql - j .. N - 1 - j; if attention depended on the offset alone, its column score would be the
-    # mean diagonal score over those offsets. Only the excess is the key's own (a vertical): a key hit
-    # by a slash or the local window carries no mass of its own, so the two are not counted twice.
-    dcum = torch.nn.functional.pad(diag.cumsum(-1), (1, 0))  # [B, H, N + 1]: dcum[t] = sum of diag[:t]
-    j = torch.arange(N, device=dev)
-    hi = (N - j).clamp(max=N)
-    lo = (N - ql - j).clamp(min=0)
-    explained = (dcum[..., hi] - dcum[..., lo]) / ql
-    cm = (col - explained).clamp(min=0.0)
-    c_score = cm.clone()
-    c_score[..., :n_force_v] = float("inf")
-    kc = min(N, v_max)
-    c_ratio, c_idx = torch.topk(c_score, kc, dim=-1, sorted=True)  # [B, H, kc]
-    c_mass = cm.gather(-1, c_idx)
-    c_rank_ok = torch.arange(kc, device=dev)[None, :] < v_count.to(dev)[:, None]  # [H, kc]
 
     # one ordering per head: forced first, then mass per unit of cost; keep until the target is met
     ratio = torch.cat([c_ratio, g_ratio], -1)

@@ -2,7 +2,8 @@
 
 The rule (kernels/select.py): candidates are 64-diagonal groups (mass = sum of the group's diagonal
 scores, cost 64 keys, or 192 when both neighbours hold less) and single columns (cost 1, mass = the
-column score minus the mean diagonal score over the offsets where the key meets the probe rows); forced ones first (the first 30 columns,
+column score minus the mean over the offsets where the key meets the probe rows of the group maxima
+of the diagonal scores); forced ones first (the first 30 columns,
 the groups of the 100 nearest diagonals), then by mass / cost, kept while the mass kept so far is
 below mass * total, within the caps.
 """
@@ -28,9 +29,18 @@ def _loop_select(col, diag, v_count, s_count, mass, last_q, n_force_v=30, n_forc
     out = {}
     for b in range(B):
         for h in range(H):
-            d = diag[b, h].tolist() + [0.0] * (G * 64 - N)
+            dd = diag[b, h].double().tolist() + [0.0] * (G * 64 - N)
+            env = [max(dd[64 * (o // 64): 64 * (o // 64) + 64]) for o in range(N)]  # group maxima
+            cm = [max(0.0, float(col[b, h, j]) - sum(env[max(0, N - ql - j): N - j]) / ql) for j in range(N)]
+            c_top = sorted(range(N), key=lambda j: (j >= n_force_v, -cm[j], j))[: min(N, int(v_count[h]))]
+            slash = dd[:N]
+            for j in c_top:  # a column's own mass leaves the diagonals where it meets the probe rows
+                lo, hi = max(0, N - ql - j), N - j
+                for o in range(lo, hi):
+                    slash[o] -= cm[j] / (hi - lo)
+            d = [max(0.0, x) for x in slash] + [0.0] * (G * 64 - N)
             gm = [sum(d[64 * g: 64 * g + 64]) for g in range(G)]
-            total = sum(gm)
+            total = sum(dd)
             cands = []  # (forced, ratio, mass, kind, id)
             g_ratio = []
             for g in range(G):
@@ -39,9 +49,6 @@ def _loop_select(col, diag, v_count, s_count, mass, last_q, n_force_v=30, n_forc
                 cost = 192.0 if (lft < gm[g] and rgt < gm[g]) else 64.0
                 g_ratio.append((g < nfg, math.inf if g < nfg else gm[g] / cost, g))
             g_top = sorted(g_ratio, key=lambda t: (not t[0], -t[1], t[2]))[: min(G, slash_group_count(int(s_count[h]), n_force_s))]
-            dd = diag[b, h].double().tolist()
-            cm = [max(0.0, float(col[b, h, j]) - sum(dd[max(0, N - ql - j): N - j]) / ql) for j in range(N)]
-            c_top = sorted(range(N), key=lambda j: (j >= n_force_v, -cm[j], j))[: min(N, int(v_count[h]))]
             for f, r, g in g_top:
                 cands.append((f, r, gm[g], "g", g))
             for j in c_top:
