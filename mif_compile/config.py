@@ -491,17 +491,18 @@ def as_plan(value: Any, name: str = "plan") -> ModelPlan:
         return ModelPlan()
     if isinstance(value, ModelPlan):
         return value
+    sep = " " if name.startswith("-") else "="  # a command-line flag: --config 'plan.json'
     if isinstance(value, (str, os.PathLike)):
         try:
             return _read_plan(value)
         except ConfigError as e:
-            raise ConfigError(f"{name}={os.fspath(value)!r}: {e}") from None
+            raise ConfigError(f"{name}{sep}{os.fspath(value)!r}: {e}") from None
     if isinstance(value, (list, Mapping)):
         try:
             return ModelPlan.from_json(value)
         except ConfigError as e:
             raise ConfigError(f"{name} (a JSON {type(value).__name__}): {e}") from None
-    raise ConfigError(f"{name}={value!r}: expected a ModelPlan, a path to a plan JSON or a JSON object, "
+    raise ConfigError(f"{name}{sep}{value!r}: expected a ModelPlan, a path to a plan JSON or a JSON object, "
                       f"got {type(value).__name__}")
 
 
