@@ -115,6 +115,7 @@ def compile_graph(
 # settings are raised as BackendConfigError instead: a ConfigError that is also a
 # BackendCompilerFailed, which Dynamo passes on unwrapped (it re-raises its own ShortenTraceback
 # errors), so the message is ours, the option and value first, with our frame as the traceback.
+# (torch < 2.7, without ShortenTraceback, wraps it like any error: our text follows Dynamo's line.)
 # mif_compile.backend(...) validates at once, before anything is traced.
 
 @functools.cache
