@@ -171,7 +171,7 @@ def plain(doc: str | None) -> str:
 
 
 def number(kind: Callable[[str], Any], lo: float | None = None, hi: float | None = None, *,
-           lo_open: bool = False, what: str = "") -> Callable[[str], Any]:
+           lo_open: bool = False) -> Callable[[str], Any]:
     """An argparse ``type``: ``kind(text)`` within [lo, hi] (``lo_open``: (lo, hi]); the message names
     the value (argparse adds the flag)."""
     name = {int: "an integer", float: "a number"}[kind]
@@ -180,7 +180,7 @@ def number(kind: Callable[[str], Any], lo: float | None = None, hi: float | None
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {name}{what}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}") from None
         low_bad = lo is not None and (value <= lo if lo_open else value < lo)
         if low_bad or (hi is not None and value > hi):
             rng = (f"in {'(' if lo_open else '['}{lo}, {hi}]" if hi is not None else
