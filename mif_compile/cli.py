@@ -248,6 +248,10 @@ def _model_args(p: argparse.ArgumentParser, required: bool) -> None:
 
 
 def _load_inputs(args):
+    if args.text is not None and not os.path.isfile(args.text):  # before the model loads
+        raise ConfigError(f"--text {args.text!r}: no such file")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device!r}: this torch sees no CUDA device")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
     n = args.seq_len or (32768 if args.device.startswith("cuda") else 4096)
     model, tok = load_model(args.model, args.device, dtype, args.seed)

@@ -43,7 +43,7 @@ def _one_line_error(capsys, *argv, code=2) -> tuple[str, str]:
     (["search", "--model", "tiny", "--rows-last", "-1"], ["--rows-last", "'-1'"]),
     (["search", "--model", "tiny", "--candidates", "sliding:3"], ["--candidates", "'sliding:3'", "unknown pattern"]),
     (["search", "--model", "tiny", "--text", "no/such.txt", "--seq-len", "32"], ["--text 'no/such.txt'",
-                                                                                "No such file"]),
+                                                                                "no such file"]),
     (["search", "--model", "tiny", "--seeds", "1"], ["unrecognized arguments: --seeds 1"]),
     (["show", "no/such.json"], ["no/such.json", "cannot read plan file"]),
     (["show", "--head", "3"], ["the following arguments are required: plan"]),
@@ -170,3 +170,12 @@ def test_search_plan_example_leaves_nothing_behind(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(sys, "argv", ["search_plan.py", "--out", "kept.json"])
     example.main()
     assert sorted(os.listdir(tmp_path)) == ["kept.json", "kept.json.search"]
+
+
+def test_cuda_device_without_cuda(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: nothing to refuse")
+    line, _ = _one_line_error(capsys, "search", "--model", "tiny", "--device", "cuda")
+    assert "--device 'cuda': this torch sees no CUDA device" in line
