@@ -5,13 +5,16 @@
 
 Like ``mif-compile search --model tiny --seq-len 2048 --out plan.json``. Random weights give diffuse
 attention, which no sparse pattern serves more cheaply than dense: expect "dense" everywhere from the
-tiny model; a trained model's heads are sparse. Interrupt it and run it again: finished layers are
-read back from ``plan.json.search/``.
+tiny model; a trained model's heads are sparse. Without ``--out`` the plan and the per-layer state go
+to a temporary folder, removed at the end; with ``--out plan.json`` they are kept, and an interrupted
+run resumes: finished layers are read back from ``plan.json.search/``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 
 import torch
 
@@ -25,8 +28,18 @@ def main() -> None:
     p.add_argument("--model", default="tiny", help="HF model path, or tiny / random:layers=..,heads=..")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--out", default="plan.json")
+    p.add_argument("--out", default=None, help="keep the plan here (and its state in OUT.search/, to resume)")
     args = p.parse_args()
+    if args.out is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            run(args, os.path.join(tmp, "plan.json"))
+        print("the plan was not kept (--out plan.json keeps it)")
+    else:
+        run(args, args.out)
+        print(f"wrote {args.out}")
+
+
+def run(args, out: str) -> None:
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     model, tokenizer = load_model(args.model, args.device, dtype)
     ids = calibration_ids(model, tokenizer, args.seq_len, None).to(args.device)
@@ -36,14 +49,15 @@ def main() -> None:
                               "block_sparse:4 block_sparse:8", "dense"])
     settings = SearchSettings(candidates=DEFAULT_CANDIDATES if args.seq_len >= 16384 else short,
                               rule="target", target=0.95)
-    result = search(model, ids, settings=settings, out=args.out, forward_kwargs={"use_cache": False})
+    result = search(model, ids, settings=settings, out=out, forward_kwargs={"use_cache": False})
     print(result.plan.summary())
 
-    compiled = torch.compile(model, backend=mif_compile.backend(result.plan, min_seq_len=0))
+    # model=: the plan's layer and head counts are checked against the model here, not graph by graph
+    compiled = torch.compile(model, backend=mif_compile.backend(result.plan, min_seq_len=0, model=model))
     with torch.no_grad():
         err = (compiled(ids).logits - model(ids).logits).abs().max()
     print(mif_compile.last_report().summary())
-    print(f"wrote {args.out}; max |logits - dense| with the plan: {float(err):.3g}")
+    print(f"max |logits - dense| with the plan: {float(err):.3g}")
 
 
 if __name__ == "__main__":

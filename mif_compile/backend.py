@@ -9,12 +9,13 @@ graph to Inductor. :func:`backend` builds the same compiler function from Python
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from typing import Any, Callable, Sequence
 
 import torch
 
-from .config import BackendConfig, HeadPattern, Pattern
+from .config import BackendConfig, ConfigError, HeadPattern, Pattern
 from .report import CompileReport, _record
 
 __all__ = ["minference", "backend"]
@@ -118,21 +119,115 @@ def compile_graph(
     return compile_fx(gm, example_inputs, config_patches=patches or None)
 
 
+# -- options -----------------------------------------------------------------------------------
+# torch.compile(model, backend="minference", options={...}) calls the entry point only at the first
+# forward, inside Dynamo, which wraps a backend's exception in BackendCompilerFailed (a message that
+# starts "backend='minference' raised:" and ends by asking to report a PyTorch bug). Errors of our
+# settings are raised as BackendConfigError instead: a ConfigError that is also a
+# BackendCompilerFailed, which Dynamo passes on unwrapped (it re-raises its own ShortenTraceback
+# errors), so the message is ours, the option and value first, with our frame as the traceback.
+# (torch < 2.7, without ShortenTraceback, wraps it like any error: our text follows Dynamo's line.)
+# mif_compile.backend(...) validates at once, before anything is traced.
+
+@functools.cache
+def _error_class() -> type:
+    """BackendConfigError, made at first use: its base class would import torch._dynamo with us."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    class BackendConfigError(ConfigError, BackendCompilerFailed):
+        """A bad setting or plan found while the backend compiles a graph (see the comment above)."""
+
+        def __init__(self, message: str, backend_name: str = "minference", frame: Any = None) -> None:
+            ValueError.__init__(self, message)
+            self.message = message
+            self.backend_name = backend_name
+            self.inner_exception = self
+            self.first_useful_frame = frame
+            self._torch_dynamo_tracer_output = None
+            self.frame_exec_strategy = None
+
+        def __str__(self) -> str:  # Dynamo appends its notes to args[0]; they are not about a setting
+            return self.message
+
+        def remove_dynamo_frames(self):  # Dynamo's own asserts when the frame is not in the traceback
+            tb = self.__traceback__
+            while tb is not None and tb.tb_frame is not self.first_useful_frame:
+                tb = tb.tb_next
+            return self if tb is None or torch._dynamo.config.verbose else self.with_traceback(tb)
+
+    BackendConfigError.__module__ = __name__
+    BackendConfigError.__qualname__ = "BackendConfigError"
+    return BackendConfigError
+
+
+def __getattr__(name: str) -> Any:
+    if name == "BackendConfigError":
+        return _error_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _check_flags(mode: Any, inductor: Any, prefill_cudagraphs: Any) -> None:
+    for name, value in (("inductor", inductor), ("prefill_cudagraphs", prefill_cudagraphs)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}={value!r}: must be True or False")
+    if mode is None:
+        return
+    from torch._inductor import list_mode_options
+
+    known = list(list_mode_options())
+    if not isinstance(mode, str) or mode not in known:
+        raise ConfigError(f"mode={mode!r}: must be None or one of Inductor's modes {known}")
+
+
+def _plan_label(value: Any) -> str:
+    """How an error names the plan option: ``config='plan.json'`` or ``config=<ModelPlan, 3 layers>``."""
+    import os
+
+    if value is None:
+        return "config=None"
+    if isinstance(value, (str, os.PathLike)):
+        return f"config={os.fspath(value)!r}"
+    plan = getattr(value, "plan", value)
+    layers = getattr(plan, "num_layers", None)
+    return f"config=<{type(value).__name__}{f', {layers} layers' if layers is not None else ''}>"
+
+
+def _compile_checked(gm, example_inputs, cfg: BackendConfig, label: str, name: str, frame: Any, **kwargs: Any):
+    """compile_graph, with a plan that does not fit the graph reported as BackendConfigError."""
+    try:
+        return compile_graph(gm, example_inputs, cfg, **kwargs)
+    except ConfigError as e:
+        if isinstance(e, _error_class()):
+            raise
+        raise _error_class()(f"{label}: {e}", name, frame) from None
+
+
 def minference(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | None = None,
                options: dict | None = None, **kwargs: Any) -> Callable:
     """The ``torch_dynamo_backends`` entry point (``backend="minference"``)."""
-    opts = dict(options or {})
-    opts.update(kwargs)
-    inductor = bool(opts.pop("inductor", True))
-    prefill_cudagraphs = bool(opts.pop("prefill_cudagraphs", False))
-    # torch.compile takes mode= or options=, not both: options may carry the Inductor mode too
-    mode = opts.pop("mode", mode)
-    cfg = BackendConfig.from_options(opts)
-    return compile_graph(gm, example_inputs, cfg, mode=mode, inductor=inductor, prefill_cudagraphs=prefill_cudagraphs)
+    import inspect
+
+    frame = inspect.currentframe()
+    try:
+        if options is not None and not isinstance(options, dict):
+            raise ConfigError(f"options={options!r}: expected a dict of settings, like {{'config': 'plan.json'}}")
+        opts = dict(options or {})
+        opts.update(kwargs)
+        inductor = opts.pop("inductor", True)
+        prefill_cudagraphs = opts.pop("prefill_cudagraphs", False)
+        # torch.compile takes mode= or options=, not both: options may carry the Inductor mode too
+        mode = opts.pop("mode", mode)
+        _check_flags(mode, inductor, prefill_cudagraphs)
+        label = _plan_label(opts.get("config", opts.get("plan")))
+        cfg = BackendConfig.from_options(opts)
+    except ConfigError as e:
+        raise _error_class()(f"{e} (options of backend='minference')", "minference", frame) from None
+    return _compile_checked(gm, example_inputs, cfg, label, "minference", frame, mode=mode, inductor=inductor,
+                            prefill_cudagraphs=prefill_cudagraphs)
 
 
 def backend(config: Any = None, *, inductor: bool = True, mode: str | None = None, prefill_cudagraphs: bool = False,
-            **settings: Any) -> Callable:
+            model: Any = None, **settings: Any) -> Callable:
     """A compiler function for ``torch.compile(model, backend=mif_compile.backend(...))``.
 
     ``config``: a :class:`BackendConfig`, a :class:`ModelPlan`, a path to a plan JSON (ours or
@@ -140,16 +235,27 @@ def backend(config: Any = None, *, inductor: bool = True, mode: str | None = Non
     ``block_m``, ``impl``, ``max_density``. ``inductor=False`` skips Inductor (the rewritten graph
     runs eagerly); ``mode`` is Inductor's; ``prefill_cudagraphs=True`` lets a mode with CUDA graphs
     capture prefill graphs too (by default only decode graphs, whose queries have length 1).
-    Bad settings fail here, before anything is traced.
+    ``model``: a Hugging Face model (or config) to check a per-layer plan against here, every layer
+    and head count (:meth:`ModelPlan.check_model`); without it each graph checks only its own layers.
+    Bad settings fail here, before anything is traced, with a :class:`ConfigError`.
     """
+    _check_flags(mode, inductor, prefill_cudagraphs)
     if isinstance(config, BackendConfig):
         cfg = BackendConfig.from_options({"config": config, **settings})
     else:
-        cfg = BackendConfig.from_options({"plan": config, **settings} if config is not None else settings)
+        cfg = BackendConfig.from_options({"config": config, **settings} if config is not None else settings)
+    label = _plan_label(config)
+    if model is not None:
+        try:
+            cfg.plan.check_model(model)
+        except ConfigError as e:
+            raise ConfigError(f"{label}: {e}") from None
 
     def compiler(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable:
-        return compile_graph(gm, example_inputs, cfg, mode=kwargs.get("mode", mode), inductor=inductor,
-                             prefill_cudagraphs=prefill_cudagraphs)
+        import inspect
+
+        return _compile_checked(gm, example_inputs, cfg, label, "compiler", inspect.currentframe(),
+                                mode=kwargs.get("mode", mode), inductor=inductor, prefill_cudagraphs=prefill_cudagraphs)
 
     compiler.config = cfg  # type: ignore[attr-defined]
     return compiler

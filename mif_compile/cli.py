@@ -15,9 +15,10 @@ kept blocks and columns over it (this needs the model and the calibration input 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -31,11 +32,12 @@ _RANDOM = dict(layers=32, heads=32, kv_heads=8, head_dim=128, hidden=4096, inter
 # models and calibration input
 
 
-def _random_llama(spec: str, device: str, dtype: torch.dtype, seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+def _random_spec(spec: str) -> dict[str, int]:
+    """The sizes of ``tiny`` / ``random:key=value,...``, checked (errors name --model and the value)."""
     base = dict(_TINY) if spec == "tiny" else dict(_RANDOM)
-    _, _, rest = spec.partition(":")
+    head, _, rest = spec.partition(":")
+    if spec != "tiny" and head != "random":
+        raise ConfigError(f"--model {spec!r}: expected tiny, random:key=value,... or a model folder")
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
         if key not in _RANDOM:
@@ -44,10 +46,28 @@ def _random_llama(spec: str, device: str, dtype: torch.dtype, seed: int):
             base[key] = int(value)
         except ValueError:
             raise ConfigError(f"--model {spec}: {key} must be an integer, got {value!r}") from None
-    cfg = LlamaConfig(vocab_size=base["vocab"], hidden_size=base["hidden"], intermediate_size=base["intermediate"],
-                      num_hidden_layers=base["layers"], num_attention_heads=base["heads"],
-                      num_key_value_heads=base["kv_heads"], max_position_embeddings=1 << 20,
-                      **({"head_dim": base["head_dim"]} if "head_dim" in base else {}))
+        if base[key] < 1:
+            raise ConfigError(f"--model {spec}: {key} must be positive, got {base[key]}")
+    if base["hidden"] % base["heads"]:
+        raise ConfigError(f"--model {spec}: hidden={base['hidden']} is not a multiple of heads={base['heads']}; "
+                          f"give hidden=, e.g. hidden={base['heads'] * base.get('head_dim', 64)}")
+    if base["heads"] % base["kv_heads"]:
+        raise ConfigError(f"--model {spec}: heads={base['heads']} is not a multiple of kv_heads={base['kv_heads']}; "
+                          "give kv_heads=, a divisor of heads")
+    return base
+
+
+def _random_llama(spec: str, device: str, dtype: torch.dtype, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    base = _random_spec(spec)
+    try:
+        cfg = LlamaConfig(vocab_size=base["vocab"], hidden_size=base["hidden"], intermediate_size=base["intermediate"],
+                          num_hidden_layers=base["layers"], num_attention_heads=base["heads"],
+                          num_key_value_heads=base["kv_heads"], max_position_embeddings=1 << 20,
+                          **({"head_dim": base["head_dim"]} if "head_dim" in base else {}))
+    except (ValueError, TypeError) as e:  # transformers' own checks of the sizes
+        raise ConfigError(f"--model {spec}: {_first_line(e)}") from None
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     with torch.device(device):
@@ -55,15 +75,36 @@ def _random_llama(spec: str, device: str, dtype: torch.dtype, seed: int):
     return model.to(dtype).eval()
 
 
+def _first_line(e: BaseException) -> str:
+    """An exception's message as one line (transformers' run to several)."""
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    return text or type(e).__name__
+
+
+def check_model_folder(spec: str, flag: str = "--model") -> None:
+    """Models load from local folders only (no download): a clear error when ``spec`` is none."""
+    if not os.path.isdir(spec):
+        what = "is a file, not a folder" if os.path.exists(spec) else "does not exist"
+        raise ConfigError(f"{flag} {spec!r}: the path {what}; models load from local folders (one written by "
+                          "save_pretrained, with config.json and the weights), nothing is downloaded")
+
+
 def load_model(spec: str, device: str, dtype: torch.dtype, seed: int = 0):
-    """(model, tokenizer or None): ``tiny`` / ``random:key=value,...`` build a random Llama in code."""
-    if spec == "tiny" or spec.startswith("random"):
+    """(model, tokenizer or None): ``tiny`` / ``random:key=value,...`` build a random Llama in code;
+    anything else is a local model folder."""
+    if spec in ("tiny", "random") or spec.startswith("random:"):
         return _random_llama(spec, device, dtype, seed), None
+    check_model_folder(spec)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, attn_implementation="sdpa").to(device).eval()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(spec)
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, attn_implementation="sdpa",
+                                                     local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--model {spec!r}: cannot load the model: {_first_line(e)}") from None
+    model = model.to(device).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=True)
     except (OSError, ValueError):
         tokenizer = None
     return model, tokenizer
@@ -84,8 +125,11 @@ def calibration_ids(model, tokenizer, seq_len: int, text_file: str | None, seed:
     """[1, seq_len] token ids: the text file, or the synthetic prompt; repeated when too short."""
     vocab = model.config.vocab_size
     if text_file is not None:
-        with open(text_file, encoding="utf-8", errors="replace") as f:
-            text = f.read()
+        try:
+            with open(text_file, encoding="utf-8", errors="replace") as f:
+                text = f.read()
+        except OSError as e:
+            raise ConfigError(f"--text {text_file!r}: cannot read it: {e.strerror}") from None
         if tokenizer is not None:
             ids = tokenizer(text, add_special_tokens=True)["input_ids"]
         else:  # random models have no tokenizer: bytes modulo the vocabulary
@@ -109,19 +153,105 @@ def calibration_ids(model, tokenizer, seq_len: int, text_file: str | None, seed:
     return torch.tensor([ids[:seq_len]], dtype=torch.long)
 
 
+# ---------------------------------------------------------------------------------------------
+# argument parsing: every error is one line that names the flag and the value, exit code 2
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block): ``mif-compile search: error: argument
+    --seq-len: ...``, exit code 2. Also used by ``mif-compile eval``."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def plain(doc: str | None) -> str:
+    """A docstring's first paragraph as help text: no RST double backticks."""
+    return (doc or "").split("\n\n")[0].replace("``", "").strip()
+
+
+def number(kind: Callable[[str], Any], lo: float | None = None, hi: float | None = None, *,
+           lo_open: bool = False) -> Callable[[str], Any]:
+    """An argparse ``type``: ``kind(text)`` within [lo, hi] (``lo_open``: (lo, hi]); the message names
+    the value (argparse adds the flag)."""
+    name = {int: "an integer", float: "a number"}[kind]
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}") from None
+        low_bad = lo is not None and (value <= lo if lo_open else value < lo)
+        if low_bad or (hi is not None and value > hi):
+            rng = (f"in {'(' if lo_open else '['}{lo}, {hi}]" if hi is not None else
+                   f"{'>' if lo_open else '>='} {lo}")
+            raise argparse.ArgumentTypeError(f"expected {name} {rng}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def int_list(text: str) -> list[int]:
+    """An argparse ``type`` for ``2048,4096``: positive integers separated by commas."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 2048,4096, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def add_debug(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+
+
+def run_command(prog: str, fn: Callable[[], Any], debug: bool, expected: tuple[type, ...] = ()) -> int:
+    """Run ``fn``; an error is one line on stderr (``prog: error: ...``): exit code 2 for bad input
+    (ConfigError, ``expected``, a file that cannot be read or written), 1 for anything else. With
+    ``debug`` the exception propagates with its traceback."""
+    try:
+        fn()
+    except (ConfigError, OSError, *expected) as e:
+        if debug:
+            raise
+        print(f"{prog}: error: {_first_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001  (a bug or an environment problem: one line, --debug shows more)
+        if debug:
+            raise
+        print(f"{prog}: error: {type(e).__name__}: {_first_line(e)} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def _model_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--model", required=required,
-                   help="HF model path, 'tiny' (2-layer random Llama) or 'random:layers=32,heads=32,kv_heads=8,"
-                        "head_dim=128,hidden=4096,intermediate=1024,vocab=1024'")
+                   help="a local model folder (Hugging Face, from save_pretrained; nothing is downloaded), 'tiny' "
+                        "(2-layer random Llama) or 'random:layers=32,heads=32,kv_heads=8,head_dim=128,hidden=4096,"
+                        "intermediate=1024,vocab=1024' (any of these keys)")
     p.add_argument("--text", help="calibration text file (default: a synthetic key-value retrieval prompt)")
-    p.add_argument("--seq-len", type=int, default=None, help="calibration length (default 32768 on GPU, 4096 on CPU)")
+    p.add_argument("--seq-len", type=number(int, 1), default=None,
+                   help="calibration length (default 32768 on GPU, 4096 on CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                    help="default bfloat16 on GPU, float32 on CPU")
     p.add_argument("--seed", type=int, default=0)
+    add_debug(p)
 
 
 def _load_inputs(args):
+    if args.text is not None and not os.path.isfile(args.text):  # before the model loads
+        raise ConfigError(f"--text {args.text!r}: no such file")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device!r}: this torch sees no CUDA device")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
     n = args.seq_len or (32768 if args.device.startswith("cuda") else 4096)
     model, tok = load_model(args.model, args.device, dtype, args.seed)
@@ -140,7 +270,10 @@ def _cmd_search(args) -> None:
                                   n_last=args.rows_last, n_spread=args.rows_spread, min_row=args.min_row,
                                   cost=args.cost, block_m=args.block_m, last_q=args.last_q)
     if args.candidates:
-        kwargs["candidates"] = parse_candidates(args.candidates)
+        try:
+            kwargs["candidates"] = parse_candidates(args.candidates)
+        except ConfigError as e:
+            raise ConfigError(f"--candidates: {e}") from None
     settings = SearchSettings(**kwargs)
     model, ids = _load_inputs(args)
     result = search(model, ids, settings=settings, out=args.out, state_dir=args.state, progress=not args.no_progress,
@@ -156,14 +289,17 @@ def _cmd_search(args) -> None:
 
 
 def summary(plan: ModelPlan) -> str:
-    """Per layer: pattern counts and, when the plan has them, mean and lowest recall."""
+    """Per layer: pattern counts and, when the plan has them, mean and lowest recall (or, for a
+    MInference file whose 4th field is a raw search score, that score, not called recall)."""
     if plan.layers is None:
         return plan.summary()
+    name = plan.score_name()
     lines = []
     for line, layer in zip(plan.summary().splitlines(), plan.layers):
         scores = [hp.score for hp in layer if hp.score is not None]
         if scores:
-            line += f"  | recall mean {sum(scores) / len(scores):.3f} min {min(scores):.3f}"
+            fmt = "{:.3f}" if name == "recall" else "{:.6g}"
+            line += f"  | {name} mean {fmt.format(sum(scores) / len(scores))} min {fmt.format(min(scores))}"
         lines.append(line)
     counts: dict[str, int] = {}
     for layer in plan.layers:
@@ -172,6 +308,9 @@ def summary(plan: ModelPlan) -> str:
     total = sum(counts.values())
     lines.append(f"{len(plan.layers)} layers, {total} heads: "
                  + ", ".join(f"{p} {n} ({100 * n / total:.0f}%)" for p, n in sorted(counts.items())))
+    if name == "score":
+        lines.append("score: the 4th field of the heads, not a recall (some values are outside [0, 1]; MInference's "
+                     "files hold raw search scores for some models)")
     return "\n".join(lines)
 
 
@@ -192,9 +331,9 @@ def _cmd_show(args) -> None:
         return
     from .plot import plot_head, plot_plan
 
-    plot_plan(plan, args.plot)
-    print(f"wrote {args.plot}")
     if args.head is None:
+        plot_plan(plan, args.plot)
+        print(f"wrote {args.plot}")
         return
     layer, head = _parse_head(args.head)
     if args.model is None:
@@ -205,6 +344,12 @@ def _cmd_show(args) -> None:
     from .search import capture_backend, capture_qk, model_counts
 
     model, ids = _load_inputs(args)
+    try:
+        plan.check_model(model)
+    except ConfigError as e:
+        raise ConfigError(f"{args.plan} with --model {args.model}: {e}") from None
+    plot_plan(plan, args.plot)
+    print(f"wrote {args.plot}")
     n_layers, n_heads = model_counts(model)
     kept: dict = {}
 
@@ -221,21 +366,33 @@ def _cmd_show(args) -> None:
     q, k, scale = kept["qk"]
     stem, dot, ext = args.plot.rpartition(".")
     path = f"{stem}_L{layer}_H{head}.{ext}" if dot else f"{args.plot}_L{layer}_H{head}.png"
-    title = f"layer {layer}, head {head}: {hp.describe()}" + (f", recall {hp.score:.3f}" if hp.score is not None else "")
+    name = plan.score_name()
+    title = f"layer {layer}, head {head}: {hp.describe()}" + (
+        "" if hp.score is None else f", recall {hp.score:.3f}" if name == "recall" else f", score {hp.score:.6g}")
     plot_head(q, k, hp, path, scale=scale, title=title)
     print(f"wrote {path}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["eval"]:  # the evaluation harness has its own parser
-        from .evaluate import main as eval_main
+def _cmd_convert(args) -> None:
+    plan = load_plan(args.src)
+    mi = args.to == "minference"
+    if mi and plan.layers is not None and plan.default != ModelPlan(plan.layers).default:
+        print(f"mif-compile convert: note: MInference's format has no default pattern; {plan.default.describe()} "
+              "is not written (a per-layer plan does not use it; it reads back as dense)", file=sys.stderr)
+    try:
+        save_plan(plan, args.dst, minference_format=mi)
+    except ConfigError as e:
+        raise ConfigError(f"{args.src}: {e}") from None
+    print(f"wrote {args.dst} ({args.to} format, {plan.num_layers} layers)")
 
-        return eval_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="mif-compile", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="cmd", required=True)
 
-    srch = sub.add_parser("search", help="choose each head's pattern on one calibration prefill")
+def _parser() -> tuple[Parser, dict[str, Parser]]:
+    """The top-level parser and the parser of each command."""
+    parser = Parser(prog="mif-compile", description=plain(__doc__))
+    sub = parser.add_subparsers(dest="cmd", required=True, parser_class=Parser)
+
+    srch = sub.add_parser("search", help="choose each head's pattern on one calibration prefill",
+                          description="Choose each head's pattern and budget on one calibration prefill.")
     _model_args(srch, required=True)
     srch.add_argument("--out", default="plan.json", help="plan file to write (default plan.json)")
     srch.add_argument("--state", default=None, help="per-layer results, for resuming (default OUT.search/)")
@@ -245,48 +402,62 @@ def main(argv: list[str] | None = None) -> int:
     srch.add_argument("--rule", choices=("target", "budget", "tradeoff"), default="target",
                       help="target: cheapest reaching --target recall; budget: best recall costing <= "
                            "--max-cost; tradeoff: max recall - lam*cost")
-    srch.add_argument("--target", type=float, default=0.95)
-    srch.add_argument("--max-cost", type=float, default=0.1, help="share of dense (rule budget)")
-    srch.add_argument("--lam", type=float, default=1.0)
+    srch.add_argument("--target", type=number(float, 0.0, 1.0, lo_open=True), default=0.95,
+                      help="recall to reach (rule target), in (0, 1]")
+    srch.add_argument("--max-cost", type=number(float, 0.0, lo_open=True), default=0.1,
+                      help="share of dense (rule budget)")
+    srch.add_argument("--lam", type=number(float, 0.0), default=1.0)
     srch.add_argument("--cost", choices=("auto", "pairs", "time"), default="auto",
                       help="pairs: kept-key count; time: measured kernel time (CUDA); auto: time on CUDA")
-    srch.add_argument("--rows-last", type=int, default=128, help="sampled query rows at the end")
-    srch.add_argument("--rows-spread", type=int, default=384, help="sampled query rows spread over the prompt")
-    srch.add_argument("--min-row", type=int, default=None, help="first sampled row (default N/8)")
-    srch.add_argument("--last-q", type=int, default=64)
+    srch.add_argument("--rows-last", type=number(int, 0), default=128, help="sampled query rows at the end")
+    srch.add_argument("--rows-spread", type=number(int, 0), default=384,
+                      help="sampled query rows spread over the prompt")
+    srch.add_argument("--min-row", type=number(int, 0), default=None, help="first sampled row (default N/8)")
+    srch.add_argument("--last-q", type=number(int, 1), default=64)
     srch.add_argument("--block-m", type=int, default=64, choices=(64, 128),
-                      help="query block of the scored index (default 64; the op runs 128, whose kept keys include those at 64 except a run's last-block overshoot, so recall is about a lower bound)")
+                      help="query block of the scored index (default 64; the op runs 128, whose kept keys include "
+                           "those at 64 except a run's last-block overshoot, so recall is about a lower bound)")
     srch.add_argument("--inductor", action="store_true", help="compile the rest of the model with Inductor")
     srch.add_argument("--no-progress", action="store_true")
 
-    show = sub.add_parser("show", help="print a per-layer summary of a plan (ours or MInference's)")
+    show = sub.add_parser("show", help="print a per-layer summary of a plan (ours or MInference's)",
+                          description="Print a per-layer summary of a plan (ours or MInference's JSON); --plot "
+                                      "draws it, --head also one head's attention map.")
     show.add_argument("plan")
     show.add_argument("--plot", default=None, metavar="OUT.png", help="draw patterns and recall per layer/head")
     show.add_argument("--head", default=None, metavar="L:H",
                       help="also draw this head's attention map and kept keys (OUT_L{L}_H{H}.png)")
     _model_args(show, required=False)
 
-    sub.add_parser("eval", help="accuracy of dense vs sparse runs (see: mif-compile eval --help)")
-    conv = sub.add_parser("convert", help="convert a plan between our JSON and MInference's")
+    sub.add_parser("eval", help="accuracy of dense vs sparse runs (see: mif-compile eval --help)", add_help=False)
+    conv = sub.add_parser("convert", help="convert a plan between our JSON and MInference's",
+                          description="Convert a plan between our JSON and MInference's per-head JSON.")
     conv.add_argument("src")
     conv.add_argument("dst")
     conv.add_argument("--to", choices=("ours", "minference"), default="ours")
-    args = parser.parse_args(argv)
+    add_debug(conv)
+    return parser, {"search": srch, "show": show, "convert": conv}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The console script. Errors are one line on stderr with exit code 2 (bad input) or 1; ``--debug``
+    shows the traceback instead."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["eval"]:  # the evaluation harness has its own parser
+        from .evaluate import main as eval_main
+
+        return eval_main(argv[1:], prog="mif-compile eval")
+    parser, commands = _parser()
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # said by the command's parser, so that the message names the command
+            commands[args.cmd].error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as e:  # --help, or a one-line argument error
+        return int(e.code or 0)
     from .search import SearchError
 
-    try:
-        if args.cmd == "search":
-            _cmd_search(args)
-        elif args.cmd == "show":
-            _cmd_show(args)
-        else:
-            plan = load_plan(args.src)
-            save_plan(plan, args.dst, minference_format=args.to == "minference")
-            print(f"wrote {args.dst} ({args.to} format, {plan.num_layers} layers)")
-    except (ConfigError, SearchError) as e:
-        print(f"mif-compile: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    run = {"search": _cmd_search, "show": _cmd_show, "convert": _cmd_convert}[args.cmd]
+    return run_command(f"mif-compile {args.cmd}", lambda: run(args), args.debug, (SearchError,))
 
 
 if __name__ == "__main__":

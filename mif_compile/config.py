@@ -26,7 +26,9 @@ __all__ = [
     "ModelPlan",
     "BackendConfig",
     "ConfigError",
+    "as_plan",
     "load_plan",
+    "model_counts",
     "save_plan",
 ]
 
@@ -219,12 +221,21 @@ def _parse_pattern(value: Any, where: str = "") -> Pattern:
 
 @dataclasses.dataclass(frozen=True)
 class ModelPlan:
-    """Per-layer, per-head patterns. ``layers=None`` means: every head gets ``default``."""
+    """Per-layer, per-head patterns. ``layers=None`` means: every head gets ``default``.
+
+    A per-layer plan must give every layer and head of the model (``heads_for``, ``check_model``);
+    its ``default`` is never consulted for heads and is dense unless given, which is also what a
+    MInference file (whose format has no default) reads back as.
+    """
 
     layers: tuple[tuple[HeadPattern, ...], ...] | None = None
-    default: HeadPattern = dataclasses.field(default_factory=lambda: HeadPattern.vertical_slash())
+    default: HeadPattern = None  # type: ignore[assignment]  # None: vertical_slash() if uniform, else dense()
 
     def __post_init__(self) -> None:
+        if self.default is None:
+            object.__setattr__(self, "default", HeadPattern.vertical_slash() if self.layers is None else HeadPattern.dense())
+        elif not isinstance(self.default, HeadPattern):
+            raise ConfigError(f"default: expected a HeadPattern, got {self.default!r}")
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(tuple(layer) for layer in self.layers))
             for i, layer in enumerate(self.layers):
@@ -255,6 +266,34 @@ class ModelPlan:
                 f"layer {layer}: the plan gives {len(heads)} heads, but the model's attention has {num_heads} query heads"
             )
         return heads
+
+    def check_model(self, model: Any) -> None:
+        """Raise :class:`ConfigError` unless this per-layer plan has exactly the layers and query heads
+        of ``model`` (a Hugging Face model or its config: ``num_hidden_layers``,
+        ``num_attention_heads``). A uniform plan fits every model. The backend sees one graph at a
+        time and can only check the layers that graph holds; this checks the whole plan at once."""
+        if self.layers is None:
+            return
+        num_layers, num_heads = model_counts(model)
+        if num_layers is None:
+            raise ConfigError(f"cannot check the plan against {type(model).__name__}: it has no config with "
+                              "num_hidden_layers and num_attention_heads (a Hugging Face model has)")
+        if len(self.layers) != num_layers:
+            raise ConfigError(f"the plan has {len(self.layers)} layers, but the model has {num_layers} "
+                              "(num_hidden_layers): a plan for another model?")
+        for i, heads in enumerate(self.layers):
+            if len(heads) != num_heads:
+                raise ConfigError(f"layer {i}: the plan gives {len(heads)} heads, but the model has {num_heads} "
+                                  "query heads (num_attention_heads): a plan for another model?")
+
+    def score_name(self) -> str | None:
+        """What the heads' ``score`` values are: "recall" when every one lies in [0, 1] (our search
+        writes the kept share of the attention mass), "score" when some do not (MInference's files
+        hold raw search scores in some models, e.g. 336 or 12982), None when the plan has none."""
+        values = [hp.score for layer in self.layers or () for hp in layer if hp.score is not None]
+        if not values:
+            return None
+        return "recall" if all(0.0 <= v <= 1.0 for v in values) else "score"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -289,7 +328,7 @@ class ModelPlan:
         fmt = obj.get("format", FORMAT)
         if fmt != FORMAT:
             raise ConfigError(f"unknown plan format {fmt!r}; expected {FORMAT!r}")
-        default = HeadPattern.from_json(obj["default"]) if "default" in obj else HeadPattern.vertical_slash()
+        default = HeadPattern.from_json(obj["default"]) if "default" in obj else None
         layers_obj = obj.get("layers")
         if layers_obj is None:
             return cls(None, default)
@@ -350,19 +389,37 @@ class ModelPlan:
         return "\n".join(lines)
 
 
-def load_plan(path: str | os.PathLike) -> ModelPlan:
-    """Read our JSON or MInference's per-head JSON (told apart by shape)."""
+def model_counts(model: Any) -> tuple[int | None, int | None]:
+    """(layers, query heads) of a Hugging Face model or config (its text config for a multimodal
+    one), else (None, None)."""
+    cfg = getattr(model, "config", model)
+    text = getattr(cfg, "get_text_config", None)
+    if callable(text):
+        cfg = text()
+    layers = getattr(cfg, "num_hidden_layers", None)
+    heads = getattr(cfg, "num_attention_heads", None)
+    ok = all(isinstance(v, int) and not isinstance(v, bool) for v in (layers, heads))
+    return (layers, heads) if ok else (None, None)
+
+
+def _read_plan(path: str | os.PathLike) -> ModelPlan:
+    """:func:`load_plan` with messages that do not repeat the path (the caller names it)."""
     try:
         with open(path) as f:
             text = f.read()
     except OSError as e:
-        raise ConfigError(f"cannot read plan file {os.fspath(path)!r}: {e.strerror}") from None
+        raise ConfigError(f"cannot read plan file: {e.strerror}") from None
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{os.fspath(path)}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        raise ConfigError(f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    return ModelPlan.from_json(obj)
+
+
+def load_plan(path: str | os.PathLike) -> ModelPlan:
+    """Read our JSON or MInference's per-head JSON (told apart by shape)."""
     try:
-        return ModelPlan.from_json(obj)
+        return _read_plan(path)
     except ConfigError as e:
         raise ConfigError(f"{os.fspath(path)}: {e}") from None
 
@@ -382,7 +439,8 @@ class BackendConfig:
     - ``min_seq_len``: below this prefill length the op runs dense SDPA, the original computation.
       Default 32768: on an H100 the whole sparse op (default budgets) first beats cuDNN at 28K
       (benchmarks/NOTES.md); 32K leaves a 1.4x margin.
-    - ``default_pattern``: the head pattern for layers/heads a plan does not cover.
+    - ``default_pattern``: the pattern of every head when there is no per-layer plan (a per-layer
+      plan gives every head of every layer itself).
     - ``last_q``: queries used by the vertical-slash estimation (MInference: 64).
     - ``block_m``: query block of the sparse index and kernel (64 or 128).
     - ``impl``: "auto" (Triton on CUDA, reference elsewhere), "triton" or "reference".
@@ -405,43 +463,43 @@ class BackendConfig:
     mass: float | None = DEFAULT_MASS
 
     def __post_init__(self) -> None:
-        plan = self.plan
-        if plan is None:
-            plan = ModelPlan()
-        elif isinstance(plan, (str, os.PathLike)):
-            plan = load_plan(plan)
-        elif isinstance(plan, (list, Mapping)):
-            plan = ModelPlan.from_json(plan)
-        elif not isinstance(plan, ModelPlan):
-            raise ConfigError(f"config: expected a ModelPlan, a path or a JSON object, got {type(plan).__name__}")
+        plan = as_plan(self.plan, "plan")
         dp = self.default_pattern
         if dp is not None:
-            if isinstance(dp, (str, Pattern)):
-                dp = HeadPattern.default_for(dp)
-            elif isinstance(dp, Mapping):
-                dp = HeadPattern.from_json(dp)
-            elif not isinstance(dp, HeadPattern):
-                raise ConfigError(f"default_pattern: expected a HeadPattern or a pattern name, got {dp!r}")
+            try:
+                if isinstance(dp, (str, Pattern)):
+                    dp = HeadPattern.default_for(dp)
+                elif isinstance(dp, Mapping):
+                    dp = HeadPattern.from_json(dp)
+                elif not isinstance(dp, HeadPattern):
+                    raise ConfigError("expected a HeadPattern, a pattern name or a head entry like "
+                                      "{'pattern': 'a_shape', 'n_init': 128, 'n_local': 3968}")
+            except ConfigError as e:
+                raise ConfigError(f"default_pattern={dp!r}: {e}") from None
             plan = ModelPlan(plan.layers, dp)
         object.__setattr__(self, "plan", plan)
         object.__setattr__(self, "default_pattern", plan.default)
         for name in ("min_seq_len", "last_q", "block_m"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "min_seq_len" else 1):
-                raise ConfigError(f"{name} must be a {'non-negative' if name == 'min_seq_len' else 'positive'} integer, got {value!r}")
+                kind = "non-negative" if name == "min_seq_len" else "positive"
+                raise ConfigError(f"{name}={value!r}: must be a {kind} integer")
         if isinstance(self.max_density, bool) or not isinstance(self.max_density, (int, float)) or not 0.0 < self.max_density <= 1.0:
-            raise ConfigError(f"max_density must be in (0, 1], got {self.max_density!r}")
+            raise ConfigError(f"max_density={self.max_density!r}: must be a number in (0, 1] (1.0 disables the check)")
         object.__setattr__(self, "max_density", float(self.max_density))
         if self.mass is not None:
             object.__setattr__(self, "mass", check_mass(self.mass, "mass"))
         if self.block_m not in (64, 128):
-            raise ConfigError(f"block_m must be 64 or 128, got {self.block_m}")
+            raise ConfigError(f"block_m={self.block_m!r}: must be 64 or 128")
         if self.impl not in ("auto", "triton", "reference"):
-            raise ConfigError(f"impl must be 'auto', 'triton' or 'reference', got {self.impl!r}")
+            raise ConfigError(f"impl={self.impl!r}: must be 'auto', 'triton' or 'reference'")
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None = None, **overrides: Any) -> "BackendConfig":
-        """Build from torch.compile's ``options=`` dict; ``config`` is an alias of ``plan``."""
+        """Build from torch.compile's ``options=`` dict; ``config`` is an alias of ``plan``. Errors name
+        the option and its value first: ``config='nope.json': cannot read plan file: ...``."""
+        if options is not None and not isinstance(options, Mapping):
+            raise ConfigError(f"options={options!r}: expected a dict of settings, like {{'config': 'plan.json'}}")
         opts = dict(options or {})
         opts.update(overrides)
         cfg = None
@@ -456,8 +514,30 @@ class BackendConfig:
         if isinstance(cfg, BackendConfig):
             return dataclasses.replace(cfg, **opts) if opts else cfg
         if cfg is not None:
-            opts["plan"] = cfg
+            opts["plan"] = as_plan(cfg, "config")
         return cls(**opts)
+
+
+def as_plan(value: Any, name: str = "plan") -> ModelPlan:
+    """A :class:`ModelPlan` from an option's value (a plan, a path, a JSON object or None); errors
+    start with ``name=value``."""
+    if value is None:
+        return ModelPlan()
+    if isinstance(value, ModelPlan):
+        return value
+    sep = " " if name.startswith("-") else "="  # a command-line flag: --config 'plan.json'
+    if isinstance(value, (str, os.PathLike)):
+        try:
+            return _read_plan(value)
+        except ConfigError as e:
+            raise ConfigError(f"{name}{sep}{os.fspath(value)!r}: {e}") from None
+    if isinstance(value, (list, Mapping)):
+        try:
+            return ModelPlan.from_json(value)
+        except ConfigError as e:
+            raise ConfigError(f"{name} (a JSON {type(value).__name__}): {e}") from None
+    raise ConfigError(f"{name}{sep}{value!r}: expected a ModelPlan, a path to a plan JSON or a JSON object, "
+                      f"got {type(value).__name__}")
 
 
 def clamp_budget(pattern: Pattern, budget: Sequence[int], seq_len: int) -> tuple[int, ...]:

@@ -360,34 +360,43 @@ def plot_needle(res: dict, path: str) -> None:
 
 
 def _pair(s: str) -> tuple[int, int]:
-    a, b = s.split(",")
-    return int(a), int(b)
+    from .cli import int_list
+
+    values = int_list(s)
+    if len(values) != 2:
+        raise argparse.ArgumentTypeError(f"expected two integers like 128,3968, got {s!r}")
+    return values[0], values[1]
 
 
-def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m mif_compile.evaluate", description=__doc__.split("\n\n")[0])
+def _parse(argv, prog: str = "python -m mif_compile.evaluate"):
+    from .cli import Parser, add_debug, int_list, number, plain
+
+    p = Parser(prog=prog, description=plain(__doc__))
+    add_debug(p)
     p.add_argument("--model", default="builtin", help="an HF model path, or 'builtin' (the byte-level retrieval "
                                                       "Llama trained by train/train_retrieval.py)")
     p.add_argument("--text", help="haystack/perplexity text file (default: the Python standard library's sources)")
-    p.add_argument("--lengths", default="2048,4096,8192", help="comma-separated prompt lengths in tokens")
-    p.add_argument("--depths", type=int, default=11, help="needle depths from 0%% to 100%%")
-    p.add_argument("--samples", type=int, default=2, help="samples per needle cell and multi-key length")
-    p.add_argument("--keys", type=int, default=16, help="key/value pairs of the multi-key task")
-    p.add_argument("--ppl-samples", type=int, default=2)
+    p.add_argument("--lengths", type=int_list, default=[2048, 4096, 8192],
+                   help="comma-separated prompt lengths in tokens")
+    p.add_argument("--depths", type=number(int, 1), default=11, help="needle depths from 0%% to 100%%")
+    p.add_argument("--samples", type=number(int, 1), default=2, help="samples per needle cell and multi-key length")
+    p.add_argument("--keys", type=number(int, 1), default=16, help="key/value pairs of the multi-key task")
+    p.add_argument("--ppl-samples", type=number(int, 1), default=2)
     p.add_argument("--tasks", default="needle,multikey,ppl")
     p.add_argument("--config", help="plan JSON for our run (ours or MInference's)")
     p.add_argument("--pattern", default=None, help="our default pattern, e.g. vertical_slash:1000,6096 "
                                                    "(default: the backend's default)")
     p.add_argument("--baselines", default="a_shape,block_sparse", help="comma list of a_shape, block_sparse, or ''")
     p.add_argument("--a-shape", type=_pair, default=(128, 3968), help="n_init,n_local of the A-shape baseline")
-    p.add_argument("--block-sparse", type=int, default=100, help="top_k of the block-sparse baseline")
+    p.add_argument("--block-sparse", type=number(int, 1), default=100, help="top_k of the block-sparse baseline")
     p.add_argument("--op-defaults", action="store_true",
                    help="keep the op's min_seq_len (32768) and max_density (0.6) instead of 0 and 1.0")
     p.add_argument("--impl", default="auto", choices=("auto", "triton", "reference"))
     p.add_argument("--inductor", action="store_true", help="compile the rest of the graph with Inductor (slower start)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None)
-    p.add_argument("--batch-tokens", type=int, default=32768, help="tokens per forward (batch = this // length)")
+    p.add_argument("--batch-tokens", type=number(int, 1), default=32768,
+                   help="tokens per forward (batch = this // length)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="folder for results.json, table.txt and needle.png")
     return p.parse_args(argv)
@@ -395,16 +404,19 @@ def _parse(argv):
 
 def _pattern(spec: str) -> HeadPattern:
     name, _, budget = spec.partition(":")
-    return HeadPattern(name, tuple(int(v) for v in budget.split(",")) if budget else ()) if budget else \
-        HeadPattern.default_for(name)
+    try:
+        return HeadPattern(name, tuple(int(v) for v in budget.split(","))) if budget else HeadPattern.default_for(name)
+    except (ConfigError, ValueError) as e:
+        raise ConfigError(f"--pattern {spec!r}: {e if isinstance(e, ConfigError) else 'budgets must be integers'}"
+                          " (like vertical_slash:1000,6096)") from None
 
 
 def run_cli(args) -> dict:
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
-    model, fmt, tok = load_model(args.model, args.device, dtype)
-    opts: dict[str, Any] = {"impl": args.impl}
-    if args.config:
-        opts["plan"] = args.config
+    from .cli import check_model_folder
+    from .config import as_plan
+
+    # every option is checked before the model loads and before the dense run
+    opts: dict[str, Any] = {"impl": args.impl, "plan": as_plan(args.config, "--config") if args.config else None}
     if args.pattern:
         opts["default_pattern"] = _pattern(args.pattern)
     cfg = BackendConfig.from_options(opts)
@@ -412,16 +424,27 @@ def run_cli(args) -> dict:
     unknown = base - {"a_shape", "block_sparse"}
     if unknown:
         raise ConfigError(f"--baselines: unknown {sorted(unknown)}; known: a_shape, block_sparse")
+    tasks = tuple(filter(None, args.tasks.split(",")))
+    if not tasks or set(tasks) - {"needle", "multikey", "ppl"}:
+        raise ConfigError(f"--tasks {args.tasks!r}: expected a comma list of needle, multikey, ppl")
+    if args.model != "builtin":
+        check_model_folder(args.model)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+    model, fmt, tok = load_model(args.model, args.device, dtype)
+    try:
+        cfg.plan.check_model(model)
+    except ConfigError as e:
+        raise ConfigError(f"--config {args.config!r} with --model {args.model!r}: {e}") from None
     runs = default_runs(cfg, a_shape=args.a_shape if "a_shape" in base else None,
                         block_sparse=args.block_sparse if "block_sparse" in base else None, op_defaults=args.op_defaults)
-    lengths = [int(v) for v in args.lengths.split(",")]
+    lengths = list(args.lengths)
     note = ("sparse runs keep the op's defaults min_seq_len=32768, max_density=0.6" if args.op_defaults else
             "sparse runs use min_seq_len=0 and max_density=1.0 (not the op's defaults 32768 and 0.6, which would run "
             "these lengths dense)")
     print(f"model {args.model} ({fmt.name} format) on {args.device} {dtype}; {note}", flush=True)
     print(_header(), flush=True)
     res = evaluate(model, fmt, tok, runs, lengths, text=args.text, depths=args.depths, samples=args.samples,
-                   keys=args.keys, ppl_samples=args.ppl_samples, tasks=tuple(args.tasks.split(",")),
+                   keys=args.keys, ppl_samples=args.ppl_samples, tasks=tasks,
                    batch_tokens=args.batch_tokens, inductor=args.inductor, seed=args.seed,
                    log=lambda line: print(line, flush=True))
     res.update(model=args.model, note=note, dtype=str(dtype))
@@ -441,14 +464,14 @@ def run_cli(args) -> dict:
     return res
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parse(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m mif_compile.evaluate") -> int:
+    from .cli import run_command
+
     try:
-        run_cli(args)
-    except (ConfigError, ValueError, OSError) as e:
-        print(f"mif-compile eval: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        args = _parse(argv, prog)
+    except SystemExit as e:  # --help, or a one-line argument error
+        return int(e.code or 0)
+    return run_command(prog, lambda: run_cli(args), args.debug, (ValueError,))
 
 
 if __name__ == "__main__":

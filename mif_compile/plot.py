@@ -63,14 +63,15 @@ def plot_plan(plan: ModelPlan, path: str | os.PathLike) -> None:
     used = [p for p in _ORDER if any(hp.pattern is p for layer in plan.layers for hp in layer)]
     fig.legend(handles=[Patch(color=_COLORS[p], label=p.value) for p in used], loc="lower center",
                ncol=len(used), fontsize=8, frameon=False)
+    name = plan.score_name()  # "score" when MInference's 4th field is a raw search score, not a recall
     if torch.isnan(recall).all():
         ax2.text(0.5, 0.5, "no recall in this plan", ha="center", va="center", transform=ax2.transAxes)
     else:
-        lo = float(recall[~torch.isnan(recall)].min())
-        im = ax2.imshow(recall.numpy(), cmap="viridis", vmin=min(lo, 0.95), vmax=1.0, aspect="auto",
-                        interpolation="nearest")
+        lo, hi = float(recall[~torch.isnan(recall)].min()), float(recall[~torch.isnan(recall)].max())
+        vmin, vmax = (min(lo, 0.95), 1.0) if name == "recall" else (lo, hi)
+        im = ax2.imshow(recall.numpy(), cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
         fig.colorbar(im, ax=ax2, fraction=0.046, pad=0.04)
-    ax2.set_title("recall (attention mass kept)")
+    ax2.set_title("recall (attention mass kept)" if name != "score" else "score (MInference's, not a recall)")
     for ax in (ax1, ax2):
         ax.set_xlabel("head")
         ax.set_ylabel("layer")

@@ -13,12 +13,15 @@ import os
 from collections import Counter
 
 log = logging.getLogger("mif_compile")
-_level = os.environ.get("MIF_COMPILE_LOG", "").upper()
+_level = os.environ.get("MIF_COMPILE_LOG", "").strip().upper()
 if _level in ("DEBUG", "INFO", "WARNING") and not log.handlers:
     _h = logging.StreamHandler()
     _h.setFormatter(logging.Formatter("[mif_compile] %(message)s"))
     log.addHandler(_h)
     log.setLevel(_level)
+elif _level not in ("", "DEBUG", "INFO", "WARNING"):  # say so instead of ignoring it
+    log.warning("mif_compile: MIF_COMPILE_LOG=%r is not one of info, debug, warning; no log lines are printed",
+                os.environ["MIF_COMPILE_LOG"])
 
 __all__ = ["CompileReport", "last_report", "reports", "clear_reports"]
 

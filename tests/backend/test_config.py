@@ -11,6 +11,7 @@ import json
 import math
 
 import pytest
+import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -171,6 +172,62 @@ def test_heads_for_head_count_mismatch():
     assert msg.startswith("layer 1") and "3 heads" in msg and "8 query heads" in msg
 
 
+# -- ModelPlan: against the whole model ------------------------------------------------------------
+
+
+def _hf_config(layers: int, heads: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                       hidden_size=16 * heads, intermediate_size=32, vocab_size=32)
+
+
+def test_check_model_layers_and_heads():
+    """A plan with more (or fewer) layers than the model, or other head counts, fails up front."""
+    plan = ModelPlan(((HeadPattern.dense(),) * 4,) * 3)
+    plan.check_model(_hf_config(3, 4))
+    ModelPlan().check_model(_hf_config(7, 5))  # a uniform plan fits every model
+    with pytest.raises(ConfigError) as e:
+        plan.check_model(_hf_config(2, 4))
+    assert "the plan has 3 layers, but the model has 2" in str(e.value)
+    with pytest.raises(ConfigError, match="the model has 4 "):
+        plan.check_model(_hf_config(4, 4))
+    with pytest.raises(ConfigError) as e:
+        ModelPlan(((HeadPattern.dense(),) * 4, (HeadPattern.dense(),) * 2)).check_model(_hf_config(2, 4))
+    assert str(e.value).startswith("layer 1: the plan gives 2 heads, but the model has 4 query heads")
+    with pytest.raises(ConfigError, match="no config with num_hidden_layers"):
+        plan.check_model(object())
+
+
+def test_check_model_reads_a_model_and_a_text_config():
+    import types
+
+    model = types.SimpleNamespace(config=types.SimpleNamespace(num_hidden_layers=1, num_attention_heads=2))
+    ModelPlan(((HeadPattern.dense(),) * 2,)).check_model(model)
+    outer = types.SimpleNamespace(get_text_config=lambda: model.config)  # a multimodal model's config
+    with pytest.raises(ConfigError, match="2 layers, but the model has 1"):
+        ModelPlan(((HeadPattern.dense(),) * 2,) * 2).check_model(types.SimpleNamespace(config=outer))
+
+
+def test_per_layer_plan_default_is_dense():
+    """A per-layer plan never consults its default; it is dense unless given (MInference's files have none)."""
+    heads = ((HeadPattern.a_shape(4, 64),),)
+    assert ModelPlan(heads).default == HeadPattern.dense()
+    assert ModelPlan().default == HeadPattern.vertical_slash() == ModelPlan(None).default
+    assert ModelPlan(heads, HeadPattern.block_sparse(2)).default == HeadPattern.block_sparse(2)
+    assert ModelPlan.from_json({"layers": [[{"pattern": "dense"}]]}).default == HeadPattern.dense()
+    assert ModelPlan.from_json({"layers": None}).default == HeadPattern.vertical_slash()
+    with pytest.raises(ConfigError, match="default: expected a HeadPattern"):
+        ModelPlan(heads, "dense")
+
+
+def test_score_name():
+    mi = [{"0": ["vertical_and_slash", 1000, 6096, 336], "1": ["vertical_and_slash", 30, 800, 0.5]}]
+    assert ModelPlan.from_json(mi).score_name() == "score"  # Llama-3-8B-262k's file holds raw scores
+    assert ModelPlan(((HeadPattern("dense", (), 1.0), HeadPattern("dense", (), 0.0)),)).score_name() == "recall"
+    assert ModelPlan(((HeadPattern.dense(),),)).score_name() is None and ModelPlan().score_name() is None
+
+
 # -- JSON: ours ----------------------------------------------------------------------------------
 
 head_patterns = st.one_of(
@@ -286,6 +343,14 @@ def test_minference_round_trip(plan):
     back = ModelPlan.from_json(json.loads(json.dumps(plan.to_minference_json())))
     assert _same_heads(back, plan)
     assert back == ModelPlan(plan.layers)  # scores too (a missing score stays missing); no default in this format
+
+
+def test_minference_round_trip_keeps_a_searched_plans_default(tmp_path):
+    """``convert --to minference`` and back: a plan as the search writes it (default dense) comes back equal."""
+    plan = ModelPlan(((HeadPattern("vertical_slash", (30, 800), 0.97), HeadPattern("dense", (), 1.0)),) * 2,
+                     HeadPattern.dense())
+    save_plan(plan, tmp_path / "mi.json", minference_format=True)
+    assert load_plan(tmp_path / "mi.json") == plan
 
 
 def test_minference_round_trip_of_unscored_plan_is_exact():
@@ -455,6 +520,85 @@ def test_good_settings():
     assert (cfg.block_m, cfg.impl, cfg.last_q, cfg.min_seq_len) == (128, "reference", 16, 1)
     assert BackendConfig.from_options(impl="triton").impl == "triton"
     assert mif_compile.backend(block_m=128, inductor=False).config.block_m == 128
+
+
+# -- options through torch.compile: errors are ours, the option and value first ---------------------
+
+
+class _Attn(torch.nn.Module):
+    def forward(self, q):
+        return torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+
+
+class _OneLayer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([_Attn()])  # "layers.0": the site's layer index
+
+    def forward(self, q, k, v):
+        return self.layers[0](q)
+
+
+def _first_forward_error(**compile_kwargs) -> ConfigError:
+    """The error of the first forward of a compiled one-layer SDPA (2 heads, 64 tokens)."""
+    q = torch.randn(1, 2, 64, 16)
+    compiled = torch.compile(_OneLayer(), **compile_kwargs)
+    with pytest.raises(ConfigError) as e:
+        compiled(q, q, q)
+    return e.value
+
+
+@pytest.mark.parametrize("options, start", [
+    ({"config": "nope.json"}, "config='nope.json': cannot read plan file: No such file or directory"),
+    ({"min_seq_len": -1}, "min_seq_len=-1: must be a non-negative integer"),
+    ({"max_density": 2}, "max_density=2: must be a number in (0, 1]"),
+    ({"default_pattern": "sliding"}, "default_pattern='sliding': unknown pattern 'sliding'"),
+    ({"mode": "fast"}, "mode='fast': must be None or one of Inductor's modes"),
+    ({"inductor": "no"}, "inductor='no': must be True or False"),
+    ({"min_seqlen": 5}, "unknown option(s) ['min_seqlen']"),
+])
+def test_bad_option_fails_at_first_forward_with_our_message(options, start):
+    err = _first_forward_error(backend="minference", options={"inductor": False, **options})
+    assert isinstance(err, torch._dynamo.exc.BackendCompilerFailed)  # whoever catches Dynamo's error still can
+    msg = str(err)
+    assert msg.startswith(start), msg
+    assert "backend='minference'" in msg and "PyTorch" not in msg and "TORCHDYNAMO_VERBOSE" not in msg
+    # the traceback: the caller, torch.nn and Dynamo's re-raise, the backend (not Dynamo's 30 frames)
+    import traceback
+
+    frames = traceback.extract_tb(err.__traceback__)
+    assert frames[-1].filename.endswith("backend.py") and len(frames) <= 6, frames
+
+
+def test_plan_for_another_model_names_the_config_file(tmp_path):
+    path = tmp_path / "p.json"
+    save_plan(ModelPlan(((HeadPattern.a_shape(4, 8),) * 3,)), path)  # 3 heads; the graph has 2
+    msg = str(_first_forward_error(backend="minference", options={"config": str(path), "inductor": False,
+                                                                  "min_seq_len": 0}))
+    assert msg.startswith(f"config={str(path)!r}: layer 0: the plan gives 3 heads") and "2 query heads" in msg
+    msg = str(_first_forward_error(backend=mif_compile.backend(ModelPlan(((HeadPattern.a_shape(4, 8),) * 3,)),
+                                                                 inductor=False)))
+    assert msg.startswith("config=<ModelPlan, 1 layers>: layer 0: the plan gives 3 heads"), msg
+
+
+def test_backend_factory_validates_at_once(tmp_path):
+    """mif_compile.backend(...) raises a plain ConfigError before anything is traced."""
+    for kwargs, start in [({"config": "nope.json"}, "config='nope.json': cannot read plan file"),
+                          ({"mode": "turbo"}, "mode='turbo'"), ({"prefill_cudagraphs": 1}, "prefill_cudagraphs=1"),
+                          ({"last_q": 0}, "last_q=0: must be a positive integer")]:
+        with pytest.raises(ConfigError) as e:
+            mif_compile.backend(**kwargs)
+        assert str(e.value).startswith(start) and not isinstance(e.value, torch._dynamo.exc.BackendCompilerFailed)
+    plan = ModelPlan(((HeadPattern.dense(),) * 4,) * 3)
+    with pytest.raises(ConfigError) as e:
+        mif_compile.backend(plan, model=_hf_config(2, 4))
+    assert str(e.value).startswith("config=<ModelPlan, 3 layers>: the plan has 3 layers, but the model has 2")
+    assert mif_compile.backend(plan, model=_hf_config(3, 4), mode="reduce-overhead").config.plan == plan
+
+
+def test_options_must_be_a_dict():
+    with pytest.raises(ConfigError, match="options='plan.json': expected a dict"):
+        BackendConfig.from_options("plan.json")
 
 
 # -- clamp_budget ---------------------------------------------------------------------------------

@@ -65,6 +65,34 @@ def test_show_and_convert_minference_format(tmp_path, capsys):
     assert code == 0 and json.loads((tmp_path / "back.json").read_text()) == mi
 
 
+def test_show_calls_raw_minference_scores_score_not_recall(tmp_path, capsys):
+    """Llama-3-8B-262k's file holds raw search scores (336, 12982, ...) in the 4th field: not a recall."""
+    raw = [{"0": ["vertical_and_slash", 1000, 6096, 336], "1": ["vertical_and_slash", 30, 800, 12982]},
+           {"0": ["vertical_and_slash", 100, 800, 0.5], "1": ["stream_llm", 100, 800, 7.25]}]
+    src = tmp_path / "raw.json"
+    src.write_text(json.dumps(raw))
+    code, stdout, _ = _run(capsys, "show", src)
+    assert code == 0 and "recall" not in stdout.replace("not a recall", "")
+    assert "| score mean 6659 min 336" in stdout and "| score mean 3.875 min 0.5" in stdout
+    assert "not a recall" in stdout
+    code, _, _ = _run(capsys, "convert", src, tmp_path / "ours.json")  # the same in our format
+    code, stdout, _ = _run(capsys, "show", tmp_path / "ours.json")
+    assert code == 0 and "score mean 6659" in stdout and "recall mean" not in stdout
+
+
+def test_convert_round_trip_keeps_the_plan(tmp_path, capsys):
+    """ours -> MInference's -> ours gives the same plan, default included, for a plan as the search writes it."""
+    plan = ModelPlan(((HP(HP.a_shape().pattern, (64, 128), 0.9), HP("dense", (), 1.0)),) * 2, HP.dense())
+    save_plan(plan, tmp_path / "plan.json")
+    assert _run(capsys, "convert", tmp_path / "plan.json", tmp_path / "mi.json", "--to", "minference")[0] == 0
+    code, _, err = _run(capsys, "convert", tmp_path / "mi.json", tmp_path / "back.json")
+    assert code == 0 and err == "" and load_plan(tmp_path / "back.json") == plan
+    # a default that MInference's format cannot hold is said, not dropped silently
+    save_plan(ModelPlan(plan.layers, HP.a_shape()), tmp_path / "other.json")
+    code, _, err = _run(capsys, "convert", tmp_path / "other.json", tmp_path / "mi2.json", "--to", "minference")
+    assert code == 0 and "no default pattern" in err and "a_shape(n_init=128, n_local=3968)" in err
+
+
 @pytest.mark.parametrize("text, where", [
     ('{"format": "mif-compile/v1",\n "layers": [\n  [{"pattern": "dense"},]\n]}', "invalid JSON at line 3"),
     ('{"layers": [[{"pattern": "dense"}], [{"pattern": "dense"}, {"pattern": "dense"},'
