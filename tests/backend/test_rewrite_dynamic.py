@@ -175,3 +175,31 @@ def test_symbolic_head_count_uniform_and_per_head_plans():
     assert mif_compile.last_report().sites[0].layer == 0
     with pytest.raises(Exception, match="2 head patterns for this layer, but the attention has 3 query heads"):
         compiled(*_qkv(1, 3, 20))
+
+
+def test_recompiled_hf_graph_builds_no_square_mask():
+    """The 75 GiB case of the issue: at the second and third lengths (the graph with symbols), the
+    (B, 1, N, N) mask is gone from the graph; only the (B, L) padding reaches the op."""
+    from tests.backend.test_pass import graph_facts
+
+    model = tiny_llama(num_hidden_layers=1)
+    inner = mif_compile.backend(inductor=False, min_seq_len=0, max_density=1.0, default_pattern=FULL)
+    graphs = []
+
+    def capture(gm, example_inputs):
+        fn = inner(gm, example_inputs)
+        graphs.append(gm)
+        return fn
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=capture)
+    for n in LENGTHS:
+        ids = torch.randint(0, 96, (1, n))
+        with torch.no_grad():
+            compiled(input_ids=ids, attention_mask=torch.ones(1, n, dtype=torch.long), use_cache=True)
+    assert len(graphs) == 2  # static at the first length, symbolic from the second on
+    ops, sdpa, square = graph_facts(graphs[-1])
+    assert len(ops) == 1 and not sdpa
+    assert not square, [n.name for n in square]
+    padding = ops[0].args[3].meta["example_value"]
+    assert padding.dtype == torch.bool and padding.dim() == 2
