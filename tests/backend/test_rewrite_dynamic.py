@@ -203,3 +203,19 @@ def test_recompiled_hf_graph_builds_no_square_mask():
     assert not square, [n.name for n in square]
     padding = ops[0].args[3].meta["example_value"]
     assert padding.dtype == torch.bool and padding.dim() == 2
+
+
+def test_run_time_guard_slices_a_longer_padding_and_refuses_a_shorter_one():
+    """mask[b, k] over k < kv_len reads mask[:, :kv_len]; a shorter mask is eager's index error."""
+    from mif_compile.ops import encode_heads, run_layer
+
+    q, k, v = _qkv(2, 2, 20)
+    codes, b0, b1 = encode_heads((FULL,))
+    pad = torch.ones(2, 26, dtype=torch.bool)
+    pad[0, :4] = False
+    pad[1, 20:] = False  # beyond kv_len: never read
+    out = run_layer(q, k, v, pad, 8**-0.5, codes, b0, b1, 0, impl="reference")
+    ref = run_layer(q, k, v, pad[:, :20].contiguous(), 8**-0.5, codes * 2, b0 * 2, b1 * 2, 0, impl="reference")
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"padding mask has shape \(2, 19\), smaller than \(batch=2, kv_len=20\)"):
+        run_layer(q, k, v, pad[:, :19], 8**-0.5, codes, b0, b1, 0, impl="reference")
