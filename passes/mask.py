@@ -935,13 +935,20 @@ def _writes(n: fx.Node, x: fx.Node) -> bool:
     return n.op == "call_module" and x in n.all_input_nodes  # a submodule may write its inputs
 
 
-def mutation_reason(nodes: Iterable[fx.Node]) -> str | None:
+def mutation_reason(nodes: Iterable[fx.Node], after: fx.Node | None = None, before: fx.Node | None = None) -> str | None:
     """Why these tensors cannot be trusted to hold the values read from the graph, or None.
 
     Any in-place write (``x[...] = v``, ``x.fill_()``, ``out=x``, ops whose schema mutates) to one
     of ``nodes`` or to anything that may share its storage (views in either direction, casts and
-    moves that may return ``self``) anywhere in the graph fails, whether before or after the read.
+    moves that may return ``self``) fails: anywhere in the graph, or, given ``after``/``before``,
+    strictly between those two nodes (k/v read by ``repeat_kv`` and then by the op at the SDPA).
     """
+    order = {}
+    if after is not None or before is not None:
+        graph = (after or before).graph
+        order = {n: i for i, n in enumerate(graph.nodes)}
+    lo = order.get(after, -1) if after is not None else -1
+    hi = order.get(before, len(order)) if before is not None else None
     alias = {n for n in nodes if isinstance(n, fx.Node)}
     todo = list(alias)
     while todo:
@@ -955,6 +962,8 @@ def mutation_reason(nodes: Iterable[fx.Node]) -> str | None:
                 todo.append(m)
     for n in sorted(alias, key=lambda n: n.name):
         for u in n.users:
+            if order and not (lo < order.get(u, lo) and (hi is None or order.get(u, hi) < hi)):
+                continue
             if _writes(u, n):
                 return f"mask mutated in place: {u.name} ({_name(u.target)}) writes {n.name}"
     return None

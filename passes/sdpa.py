@@ -243,10 +243,12 @@ def rewrite_sdpa(
         v_src = _unrepeat_kv(a["value"], facts["H"])
         if (k_src is a["key"]) != (v_src is a["value"]):
             k_src, v_src = a["key"], a["value"]
-        # the op reads these instead of what SDPA read: none may be written in place
-        read_early = [n for n in (proof.padding,) if n is not None]
-        read_early += [n for n, orig in ((k_src, a["key"]), (v_src, a["value"])) if n is not orig]
-        mutated = mutation_reason(read_early) if read_early else None
+        # the op reads k/v at the SDPA instead of where repeat_kv copied them: no write in between
+        # (the padding is part of the mask's cone, checked by the prover)
+        mutated = None
+        for src, orig in ((k_src, a["key"]), (v_src, a["value"])):
+            if src is not orig and mutated is None:
+                mutated = mutation_reason([src], after=orig.args[0].args[0], before=node)
         if mutated:
             counters["left_dense"] += 1
             sites.append(Site(node.name, mod, layer, False, mutated.replace("mask mutated", "tensor mutated"),

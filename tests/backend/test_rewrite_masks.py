@@ -247,3 +247,24 @@ def test_float_arange_under_a_bf16_default_dtype_stays_dense():
     finally:
         torch.set_default_dtype(prev)
     assert not site.rewritten, site.reason
+
+
+def test_kv_written_before_repeat_kv_is_rewritten():
+    """A cache written in place before repeat_kv reads it (StaticCache's index_copy_) is what the op
+    reads too: rewritten, output exact."""
+    torch._dynamo.reset()
+
+    def f(q, k, v, cache_k, cache_v):
+        cache_k.copy_(k)
+        cache_v.copy_(v)
+        kr, vr = _repeat(cache_k, 2), _repeat(cache_v, 2)
+        return F.scaled_dot_product_attention(q, kr, vr, attn_mask=_causal(q.shape[2]))
+
+    g = torch.Generator().manual_seed(4)
+    q, k, v = torch.randn(1, 4, N, D, generator=g), torch.randn(1, 2, N, D, generator=g), torch.randn(1, 2, N, D, generator=g)
+    args = (q, k, v, torch.zeros_like(k), torch.zeros_like(v))
+    compiled = torch.compile(f, backend=mif_compile.backend(inductor=False, min_seq_len=BIG), fullgraph=True)
+    out = compiled(*[a.clone() for a in args])
+    assert torch.equal(out, f(*[a.clone() for a in args]))
+    (site,) = mif_compile.last_report().sites
+    assert site.rewritten and site.reason == "causal", site.reason
