@@ -46,10 +46,19 @@ def _plan_for(cfg: BackendConfig):
             if plan.layers is not None:
                 return "cannot tell the layer index from nn_module_stack, and the plan is per layer"
             layer = ordinal
+        symbolic = not isinstance(num_heads, int)
+        if symbolic:  # dynamic=True on a q/k/v function: check against this call's count, the op re-checks
+            hint = getattr(num_heads.node, "hint", None)
+            if hint is None:
+                return "head count is symbolic without a hint"
+            num_heads = int(hint)
         heads = plan.heads_for(layer, num_heads)  # raises ConfigError naming layer/head/value
         if all(hp.pattern is Pattern.DENSE for hp in heads):
             return f"the plan makes every head of layer {layer} dense"
-        return with_mass(heads, cfg.mass)
+        heads = with_mass(heads, cfg.mass)
+        if symbolic and plan.layers is None:
+            return heads[:1]  # one pattern for every head: the op expands it to the run-time head count
+        return heads
 
     return plan_for
 

@@ -201,6 +201,10 @@ def run_layer(
     mass: Optional[Sequence[float]] = None,
 ) -> torch.Tensor:
     """One attention layer of a causal prefill. q: [B, H, N, D]; k, v: [B, Hkv, N, D] -> [B, H, N, D]."""
+    q, k, v, key_padding, patterns, budget0, budget1, mass, top_left = _run_time_guard(
+        q, k, v, key_padding, patterns, budget0, budget1, mass)
+    if top_left:
+        return _top_left_causal(q, k, v, key_padding, scale)
     n = q.shape[2]
     if n < max(min_seq_len, 2) or all(c == Pattern.DENSE.code for c in patterns):
         return dense_attention(q, k, v, key_padding, scale)
@@ -221,6 +225,44 @@ def run_layer(
     out = K.sparse_attention(
         q, k, v, index, scale=scale, block_m=block_m, block_n=BLOCK_N, key_padding=key_padding, impl=impl
     )
+    return out.contiguous()
+
+
+def _run_time_guard(q, k, v, key_padding, patterns, budget0, budget1, mass=None):
+    """What the pass could not prove at compile time, checked on the actual tensors.
+
+    - q_len != kv_len (both symbolic): the site is the original ``is_causal`` SDPA, whose mask is
+      then top-left aligned; ``top_left`` says to compute exactly that.
+    - the padding lookup ``mask[b, k]`` over b < B, k < kv_len: the op reads ``mask[:B, :kv_len]``;
+      a smaller mask is what eager would have refused with an index error.
+    - a symbolic head count: a one-pattern plan is expanded to the heads; a per-head plan must match.
+    """
+    b, h, lk = q.shape[0], q.shape[1], k.shape[2]
+    if key_padding is not None and tuple(key_padding.shape) != (b, lk):
+        if key_padding.dim() != 2 or key_padding.shape[0] < b or key_padding.shape[1] < lk:
+            raise ValueError(
+                f"mif.sparse_attention: the padding mask has shape {tuple(key_padding.shape)}, smaller than "
+                f"(batch={b}, kv_len={lk}) that the attention mask indexes (eager raises an index error here)")
+        key_padding = key_padding[:b, :lk]
+    if len(patterns) != h:
+        if len(patterns) != 1:
+            raise ValueError(
+                f"mif.sparse_attention: the plan gives {len(patterns)} head patterns for this layer, but the "
+                f"attention has {h} query heads at run time")
+        patterns, budget0, budget1 = list(patterns) * h, list(budget0) * h, list(budget1) * h
+        mass = list(mass) * h if mass else mass
+    return q, k, v, key_padding, patterns, budget0, budget1, mass, q.shape[2] != lk
+
+
+def _top_left_causal(q, k, v, key_padding, scale):
+    """``sdpa(q, k, v, is_causal=True)`` for q_len != kv_len (top-left aligned), with the padding."""
+    gqa = q.shape[1] != k.shape[1]
+    if key_padding is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    else:
+        causal = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+        mask = causal[None, None] & key_padding[:, None, None, :].to(torch.bool)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return out.contiguous()
 
 

@@ -1,10 +1,15 @@
 """Find the ``scaled_dot_product_attention`` calls of a Dynamo graph and rewrite causal prefills.
 
 A site is rewritten into ``torch.ops.mif.sparse_attention`` only when it is provably a causal
-prefill: no dropout, q_len == kv_len, and either ``is_causal=True`` without a mask or a mask that
+prefill: no dropout, q_len == kv_len (or, where compile time cannot tell, checked by the op at
+run time: it computes the original top-left causal SDPA when they differ), and either ``is_causal=True`` without a mask or a mask that
 :func:`passes.mask.prove_causal_mask` proves causal (its cone is then removed, so no L x L tensor is
-built) or causal AND key padding (the op then gets the (B, L) padding mask). Everything else stays
-as it was, with the reason recorded in a :class:`Site`.
+built) or causal AND key padding (the op then gets the (B, L) padding mask). A float
+mask proven to be 0 / -inf of such a condition counts too. A symbolic head count (``dynamic=True``
+on a plain q/k/v function) is fine: the op expands a uniform plan to the run-time heads and checks
+a per-head one. Nothing the op reads instead of the original (the padding tensor, k/v before
+``repeat_kv``) may be written in place anywhere in the graph. Everything else stays as it was, with
+the reason recorded in a :class:`Site`.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from .mask import MaskProof, prove_causal_mask
+from .mask import MaskProof, mutation_reason, prove_causal_mask
 
 __all__ = ["Site", "SdpaRewrite", "rewrite_sdpa", "is_sdpa", "layer_index"]
 
@@ -161,19 +166,21 @@ def classify(node: fx.Node) -> tuple[str | None, dict[str, Any]]:
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     facts.update(B=B, H=H, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D)
-    if not isinstance(H, int) or not isinstance(Hkv, int):
-        return "head count is symbolic", facts
-    if not isinstance(D, int) or v.shape[-1] != D:
-        return "head_dim of value differs from query's, or is symbolic", facts
+    if not _static_true(v.shape[-1] == D) or not _static_true(k.shape[-1] == D):
+        return "head_dim of key or value differs from query's", facts
     p = a["dropout_p"]
     if isinstance(p, fx.Node) or p != 0.0:
         return f"dropout_p={p} (training)", facts
     if isinstance(Lq, int) and Lq == 1:
         return "decode (q_len == 1)", facts
-    if not _static_true(Lq == Lk):
+    if _static_true(Lq != Lk):
         return "q_len != kv_len (decode with a cache, chunked prefill or cross-attention)", facts
-    if H != Hkv and not (H % Hkv == 0 and a.get("enable_gqa")):
-        return f"{H} query heads with {Hkv} kv heads but enable_gqa is not set", facts
+    facts["len_checked_at_run_time"] = not _static_true(Lq == Lk)
+    if not _static_true(H == Hkv):
+        if a.get("enable_gqa") is not True:
+            return f"{H} query heads with {Hkv} kv heads but enable_gqa is not set", facts
+        if isinstance(H, int) and isinstance(Hkv, int) and H % Hkv:
+            return f"{H} query heads is not a multiple of {Hkv} kv heads", facts
     if k.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {k.dtype} not supported", facts
     mask = a["attn_mask"]
@@ -188,7 +195,7 @@ def classify(node: fx.Node) -> tuple[str | None, dict[str, Any]]:
     if causal:
         return "both a mask and is_causal=True", facts
     mv = _meta(mask)
-    if not isinstance(mv, torch.Tensor) or mv.dtype != torch.bool:
+    if not isinstance(mv, torch.Tensor) or (mv.dtype != torch.bool and mv.dtype != q.dtype):
         return f"additive mask (dtype {getattr(mv, 'dtype', None)}) is not proven causal", facts
     proof = prove_causal_mask(mask, Lq, Lk, B)
     if isinstance(proof, str):
@@ -227,7 +234,7 @@ def rewrite_sdpa(
         ordinal += 1
         if reason is not None:
             counters["left_dense"] += 1
-            sites.append(Site(node.name, mod, layer, False, reason, facts.get("H"), facts.get("Hkv"),
+            sites.append(Site(node.name, mod, layer, False, reason, _static_len(facts.get("H")), _static_len(facts.get("Hkv")),
                               q_len=_static_len(facts.get("Lq")),
                               kv_cat=_key_from_cat(facts["args"]["key"], facts.get("H"))))
             continue
@@ -236,12 +243,35 @@ def rewrite_sdpa(
         v_src = _unrepeat_kv(a["value"], facts["H"])
         if (k_src is a["key"]) != (v_src is a["value"]):
             k_src, v_src = a["key"], a["value"]
+        # the op reads k/v at the SDPA instead of where repeat_kv copied them: no write in between
+        # (the padding is part of the mask's cone, checked by the prover)
+        mutated = None
+        for src, orig in ((k_src, a["key"]), (v_src, a["value"])):
+            if src is not orig and mutated is None:
+                mutated = mutation_reason([src], after=orig.args[0].args[0], before=node)
+        if mutated:
+            counters["left_dense"] += 1
+            sites.append(Site(node.name, mod, layer, False, mutated.replace("mask mutated", "tensor mutated"),
+                              _static_len(facts.get("H")), _static_len(facts.get("Hkv")),
+                              q_len=_static_len(facts.get("Lq")), kv_cat=_key_from_cat(a["key"], facts.get("H"))))
+            continue
         hkv = _meta(k_src).shape[1]
         scale = a["scale"]
-        if scale is None:
-            scale = 1.0 / math.sqrt(facts["D"])
+        padding = proof.padding
+        with graph.inserting_before(node):
+            if scale is None:
+                d = facts["D"]
+                if isinstance(d, int):
+                    scale = 1.0 / math.sqrt(d)
+                else:  # symbolic head_dim: SDPA's default 1/sqrt(D), computed at run time
+                    dim = graph.call_method("size", (a["query"], -1))
+                    scale = graph.call_function(operator.truediv, (1.0, graph.call_function(torch._sym_sqrt, (dim,))))
+            if padding is not None and _meta(padding).dtype != torch.bool:
+                # the proof is about padding != 0; the op takes a bool mask
+                padding = graph.call_method("to", (padding,), {"dtype": torch.bool})
+                padding.meta["example_value"] = _meta(proof.padding).to(torch.bool)
         call_facts = dict(
-            q=a["query"], k=k_src, v=v_src, padding=proof.padding, scale=scale, heads=tuple(heads),
+            q=a["query"], k=k_src, v=v_src, padding=padding, scale=scale, heads=tuple(heads),
             layer=layer, num_heads=facts["H"], num_kv_heads=hkv,
         )
         with graph.inserting_before(node):
@@ -258,9 +288,11 @@ def rewrite_sdpa(
                 dead.add(kv)
         counters["rewritten"] += 1
         counters[f"rewritten_{proof.kind}"] += 1
-        if hkv != facts["H"]:
+        if not _static_true(hkv == facts["H"]):
             counters["gqa_native"] += 1
-        sites.append(Site(node.name, mod, layer, True, proof.kind, facts["H"], hkv, tuple(heads),
+        if facts.get("len_checked_at_run_time"):
+            counters["len_checked_at_run_time"] += 1
+        sites.append(Site(node.name, mod, layer, True, proof.kind, _static_len(facts["H"]), _static_len(hkv), tuple(heads),
                           q_len=_static_len(facts.get("Lq")), kv_cat=_key_from_cat(k_src, facts["H"])))
     _erase_unused(graph, dead)
     graph.lint()

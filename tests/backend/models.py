@@ -8,8 +8,8 @@ it is the oracle the compiled model must reproduce.
 from __future__ import annotations
 
 import torch
-from transformers import (AttentionInterface, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                          Qwen2Config, Qwen2ForCausalLM)
+from transformers import (AttentionInterface, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from mif_compile.config import BackendConfig
@@ -38,6 +38,14 @@ def tiny_mistral(seed: int = 0, **overrides) -> MistralForCausalLM:
     cfg = MistralConfig(**{**_COMMON, "sliding_window": None, **overrides})
     cfg._attn_implementation = "sdpa"
     return MistralForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0, **overrides) -> GPT2LMHeadModel:
+    """GPT-2 reshapes its padding mask with ``.view(batch, -1)`` before building the causal mask."""
+    torch.manual_seed(seed)
+    cfg = GPT2Config(**{"vocab_size": 96, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 4096, **overrides})
+    cfg._attn_implementation = "sdpa"
+    return GPT2LMHeadModel(cfg).eval()
 
 
 MODELS = {"llama": tiny_llama, "qwen2": tiny_qwen2, "mistral": tiny_mistral}

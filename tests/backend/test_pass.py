@@ -86,6 +86,8 @@ class Attn(nn.Module):
             o = sdpa(q, k, v, is_causal=True)
         elif kind == "float_mask":
             o = sdpa(q, k, v, attn_mask=torch.full((n, n), float("-inf")).triu(1))
+        elif kind == "float_min_mask":  # finfo.min, not -inf: not equal to a boolean mask
+            o = sdpa(q, k, v, attn_mask=torch.full((n, n), torch.finfo(torch.float32).min).triu(1))
         elif kind == "input_mask":
             o = sdpa(q, k, v, attn_mask=mask)
         elif kind == "window":
@@ -346,6 +348,16 @@ def test_per_layer_plan_and_dense_layer():
     assert list(a["budget0"]) == [4, 30, 2, 0] and list(a["budget1"]) == [16, 800, 0, 0]
 
 
+@DYNAMIC
+def test_float_inf_causal_mask_is_proven(dynamic):
+    """full(-inf).triu(1): 0 on and below the diagonal, -inf above, the additive form of causal."""
+    x, _ = inputs()
+    report, gm, _ = compile_and_check(Model("float_mask"), (x,), dynamic=dynamic)
+    assert_all_rewritten(report, "causal")
+    ops, sdpa, square = graph_facts(gm)
+    assert len(ops) == 2 and not sdpa and not square
+
+
 # -- left dense -----------------------------------------------------------------------------------
 
 
@@ -354,7 +366,7 @@ def test_per_layer_plan_and_dense_layer():
     "kind, reason",
     [
         ("not_causal", "not causal"),
-        ("float_mask", "additive mask"),
+        ("float_min_mask", "additive mask"),
         ("window", NOT_CAUSAL_ONLY),
         ("shifted", NOT_CAUSAL_ONLY),
         ("strict", NOT_CAUSAL_ONLY),
@@ -382,7 +394,10 @@ def test_cross_attention_left_dense(dynamic):
     x, _ = inputs()
     mem = torch.randn(B, 7, E)
     report, _, _ = compile_and_check(Model("cross"), (x, None, None, mem), dynamic=dynamic)
-    assert_all_dense(report, "q_len != kv_len")
+    if not dynamic:
+        assert_all_dense(report, "q_len != kv_len")
+    else:  # two symbols: rewritten, the op sees 12 != 7 at run time and runs the original SDPA (output == eager)
+        assert report.counters["rewritten"] == 2 and report.counters["len_checked_at_run_time"] == 2
 
 
 @DYNAMIC
