@@ -96,7 +96,8 @@ def main(argv=None) -> list[dict]:
         args.lengths = [2048, 3072] if args.lengths == p.get_default("lengths") else args.lengths
         args.heads, args.kv_heads = min(args.heads, 2), min(args.kv_heads, 1)
     dtype = torch.float32 if quick else torch.bfloat16
-    base = dict(impl="reference", min_seq_len=0, default_pattern=HeadPattern.vertical_slash(64, 256)) if quick else {}
+    base = dict(impl="reference", min_seq_len=0, max_density=1.0,
+                default_pattern=HeadPattern.vertical_slash(64, 256)) if quick else {}
     modes = {"fixed": base} | {f"mass{m:g}": dict(base, mass=m) for m in args.mass}
     h, g, d = args.heads, args.kv_heads, args.head_dim
     f = packed_sdpa(h, g)

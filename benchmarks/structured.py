@@ -40,7 +40,7 @@ import torch
 # vertical ~ .15/.60/.15/0/.10. What they measure is printed by bench_structured.py.
 MIXES = {
     "mixed": dict(kappa=(1.5, 1.5, 3.0, -2.0), n_slash=1, n_heavy=16),
-    "local": dict(kappa=(2.0, None, 3.0, -3.5), n_slash=0, n_heavy=8),
+    "local": dict(kappa=(2.5, None, 1.5, -3.5), n_slash=0, n_heavy=8),
     "slash": dict(kappa=(-0.5, 4.0, 2.5, -1.5), n_slash=2, n_heavy=8),
     "vertical": dict(kappa=(-1.0, None, 3.0, -1.5), n_slash=0, n_heavy=64),
 }
