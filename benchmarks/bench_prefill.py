@@ -12,8 +12,13 @@ against the faster of the dense rows that ran. Ours:
     max_density guard falls back to dense where that is faster);
   - ``ashape``: A-shape (128, 3968) on every head (static, input independent).
 Compile time is reported separately, not inside TTFT. Writes JSON rows and a PNG plot.
+``--structured [MIX]`` edits the random weights with benchmarks/structured_model.py so every layer's
+attention has structure (default mix "mixed", lengths 128K/256K/512K, prompt ids from
+``structured_ids``); ``--mass M ...`` adds a ``vs-massM`` row per value (the backend's ``mass`` setting).
+Each row lists the kept density per layer.
 
     python benchmarks/bench_prefill.py --lengths 32768 65536 131072 --layers 32
+    python benchmarks/bench_prefill.py --structured --mass 0.95 --plans vs
 """
 
 from __future__ import annotations
@@ -60,17 +65,32 @@ def main() -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     p = argparse.ArgumentParser()
-    p.add_argument("--lengths", type=int, nargs="+", default=[32768, 65536, 131072])
+    p.add_argument("--lengths", type=int, nargs="+", default=None, help="default 32K 64K 128K (128K 256K 512K "
+                   "with --structured)")
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--plans", nargs="+", default=["vs", "ashape"])
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     p.add_argument("--tag", default="")
     p.add_argument("--compiled-dense", action="store_true", help="also time torch.compile(model) dense")
+    p.add_argument("--structured", nargs="?", const="mixed", default=None, help="structured attention mix")
+    p.add_argument("--mass", type=float, nargs="*", default=[], help="mass targets of the adaptive index")
     args = p.parse_args()
+    if args.lengths is None:
+        args.lengths = [131072, 262144, 524288] if args.structured else [32768, 65536, 131072]
     gpu = torch.cuda.get_device_name()
     model = build(args.layers)
     plans = {"vs": HeadPattern.vertical_slash(1000, 6096), "ashape": HeadPattern.a_shape(128, 3968)}
+    info = None
+    if args.structured:
+        from structured_model import structure_llama, structured_ids  # benchmarks/ is on sys.path
+
+        info = structure_llama(model, mix=args.structured, seed=0)
+
+    def prompt(n):
+        if info is not None:
+            return structured_ids(n, info, model.config.vocab_size, seed=n, device="cuda")
+        return torch.randint(0, 128256, (1, n), device="cuda")
     rows = []
 
     def run(m, ids):
@@ -80,9 +100,13 @@ def main() -> None:
     compiled = {}
     for name in args.plans:
         compiled[name] = torch.compile(model, backend=mif_compile.backend(default_pattern=plans[name]), dynamic=True)
+        if name == "vs":
+            for m in args.mass:  # passed only when asked: the setting is newer than this script
+                compiled[f"vs-mass{m:g}"] = torch.compile(
+                    model, backend=mif_compile.backend(default_pattern=plans[name], mass=m), dynamic=True)
 
     # warm-up and compile at a short length (compile time reported separately)
-    warm = torch.randint(0, 128256, (1, 8192), device="cuda")
+    warm = prompt(8192)
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
         run(model, warm)
     compile_s = {}
@@ -98,12 +122,13 @@ def main() -> None:
         run(m, warm)
         torch.cuda.synchronize()
         compile_s[name] = time.perf_counter() - t0
-    print(f"# {gpu}, Llama-3-8B shape, {args.layers} layers, bf16, batch 1; compile (s): {compile_s}")
+    print(f"# {gpu}, Llama-3-8B shape, {args.layers} layers, bf16, batch 1, "
+          f"{'structured ' + args.structured if info else 'random'} weights; compile (s): {compile_s}")
     print(mif_compile.last_report())
     print(f"{'N':>8} {'plan':>7} {'dense s':>8} {'compiled':>8} {'ours s':>8} {'speedup':>8} {'dense GB':>9} "
           f"{'comp GB':>8} {'ours GB':>8} density")
     for n in args.lengths:
-        ids = torch.randint(0, 128256, (1, n), device="cuda")
+        ids = prompt(n)
         torch.cuda.reset_peak_memory_stats()
         try:
             with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
@@ -138,11 +163,13 @@ def main() -> None:
                        speedup_vs_eager=t_dense / t, dense_peak_gb=mem_dense, compiled_dense_peak_gb=mem_comp,
                        ours_peak_gb=mem,
                        mean_density=sum(dens) / max(len(dens), 1), dense_fallback_layers=fell,
-                       compile_s=compile_s[name])
+                       compile_s=compile_s[name], structured=args.structured, layer_density=dens)
             rows.append(row)
             print(f"{n:>8} {name:>7} {t_dense:8.3f} {t_comp:8.3f} {t:8.3f} {t_best / t:7.2f}x {mem_dense:9.1f} "
                   f"{mem_comp:8.1f} {mem:8.1f} "
                   f"{row['mean_density']:.3f} (dense fallback in {fell}/{len(stats)} layers)", flush=True)
+            if info is not None:
+                print("   density per layer: " + " ".join(f"{x:.3f}" for x in dens), flush=True)
         del ids
         torch.cuda.empty_cache()
     os.makedirs(args.out, exist_ok=True)
