@@ -10,17 +10,17 @@ mass is covered. Here each head picks, per input, from two kinds of candidates:
   offsets; their cost in keys per row is 64 when a neighbouring
   group holds at least as much mass (it will be picked first and the two share tiles) and 192 when
   isolated (a 64-wide band crosses a 128-query block as 191 keys);
-- *columns*: single keys, cost 1, mass = the part of the probe's column score that the diagonal
+- *columns*: single keys, cost 1, ranked by the part of the probe's column score that the diagonal
   scores do not explain (the column score minus the mean, over the offsets at which the key meets the
   probe rows, of each offset's group maximum of the diagonal scores): a key that is hit by a slash or
   sits in the local window has no mass of its own, even where the band's noise makes its column score
   spiky, while a vertical keeps almost all of its score; so the two kinds are not counted twice, and
   the probe rows are not "covered" by columns along a band that would not serve any other row.
 
-Candidates are taken in order of mass per unit of cost, forced ones first (the first ``n_force_v``
-columns and the groups of the ``n_force_s`` nearest diagonals), until the kept mass reaches
-``mass[h]`` times the head's total probe mass, within the caps ``v_count[h]`` columns and
-``ceil(s_count[h] / 64)`` groups (a target of 1 keeps every candidate within the caps). Mass is estimated from the last queries only (MInference's
+Every column within the cap ``v_count[h]`` is kept (the top ones by that mass; columns are cheap, and
+a vertical's mass is the least stable along the sequence), and so are the groups of the ``n_force_s``
+nearest diagonals. Slash groups are then added in order of mass per unit of cost until the kept mass
+reaches ``mass[h]`` times the head's total probe mass, within ``ceil(s_count[h] / 64)`` groups (a target of 1 keeps every candidate within the caps). Mass is estimated from the last queries only (MInference's
 assumption that the pattern is stable along the sequence), so the target is an estimate, not a
 guarantee for every row.
 
@@ -74,7 +74,7 @@ def vertical_slash_select(col, diag, v_count, s_count, mass, *, last_q: int, n_f
     lo = (N - ql - j).clamp(min=0)
     explained = (dcum[..., hi] - dcum[..., lo]) / ql
     cm = (col - explained).clamp(min=0.0)
-    c_score = cm.clone()
+    c_score = cm + col * 2.0 ** -20  # ties (no excess) broken by the column score, as MInference ranks
     c_score[..., :n_force_v] = float("inf")
     kc = min(N, v_max)
     c_ratio, c_idx = torch.topk(c_score, kc, dim=-1, sorted=True)  # [B, H, kc]
@@ -108,7 +108,12 @@ def vertical_slash_select(col, diag, v_count, s_count, mass, *, last_q: int, n_f
     ratio = torch.cat([c_ratio, g_ratio], -1)
     cand_mass = torch.cat([c_mass, g_mass], -1)
     ok = torch.cat([c_rank_ok, g_rank_ok], -1)[None].expand(B, H, kc + kg)
-    forced = ok & (ratio == float("inf"))  # sorted first
+    # Columns cost one key a row (v of them cost what v / 64 slash groups do) and a vertical's mass is
+    # the least stable along the sequence, so every column within the cap is kept, as MInference does;
+    # the target decides how many slash groups are needed on top of their mass.
+    is_col = torch.arange(kc + kg, device=dev) < kc
+    forced = ok & ((ratio == float("inf")) | is_col)  # sorted first
+    ratio = torch.where(forced, float("inf"), ratio)
     ratio = torch.where(ok, ratio, float("-inf"))
     cand_mass = torch.where(ok, cand_mass, 0.0)
     order = torch.sort(ratio, dim=-1, descending=True, stable=True).indices
