@@ -39,7 +39,11 @@ def _make_call(cfg: BackendConfig):
     return make_call
 
 
-def _plan_for(cfg: BackendConfig):
+def _plan_for(cfg: BackendConfig, tp: Any = None, rank_heads: dict | None = None):
+    """``tp``: this rank's tensor-parallel place (``distributed.tp_rank``); the global heads each
+    layer's site holds go into ``rank_heads`` (layer -> ``distributed.RankHeads``)."""
+    from .distributed import layer_heads
+
     def plan_for(layer: int | None, num_heads: int, ordinal: int) -> Sequence[HeadPattern] | str:
         plan = cfg.plan
         if layer is None:
@@ -52,7 +56,9 @@ def _plan_for(cfg: BackendConfig):
             if hint is None:
                 return "head count is symbolic without a hint"
             num_heads = int(hint)
-        heads = plan.heads_for(layer, num_heads)  # raises ConfigError naming layer/head/value
+        heads, held = layer_heads(plan, layer, num_heads, tp)  # raises ConfigError naming layer/head/value
+        if held is not None and rank_heads is not None:
+            rank_heads[layer] = held
         if all(hp.pattern is Pattern.DENSE for hp in heads):
             return f"the plan makes every head of layer {layer} dense"
         heads = with_mass(heads, cfg.mass)
@@ -111,10 +117,13 @@ def compile_graph(
     are compiled without them unless ``prefill_cudagraphs``, and the report says so.
     """
     from . import ops  # noqa: F401  (registers torch.ops.mif.sparse_attention)
+    from .distributed import tp_rank
     from .passes import rewrite_sdpa
 
-    result = rewrite_sdpa(gm, _plan_for(cfg), _make_call(cfg))
+    rank_heads: dict = {}
+    result = rewrite_sdpa(gm, _plan_for(cfg, tp_rank(example_inputs), rank_heads), _make_call(cfg))
     report = CompileReport(next(_graph_ids), result.sites, result.counters, cfg.min_seq_len, cfg.impl)
+    report.rank_heads = rank_heads
     patches = _inductor_patches(mode) if inductor else {}
     off = _cudagraphs_off_reason(report.sites, prefill_cudagraphs) if patches.get("triton.cudagraphs") else None
     if off:

@@ -39,6 +39,7 @@ class CompileReport:
     min_seq_len: int
     impl: str
     notes: list = dataclasses.field(default_factory=list)  # how the graph was compiled, e.g. CUDA graphs
+    rank_heads: dict = dataclasses.field(default_factory=dict)  # tensor parallel: layer -> distributed.RankHeads
 
     @property
     def rewritten(self) -> list:
@@ -62,7 +63,9 @@ class CompileReport:
                 counts = Counter(hp.describe() for hp in s.patterns)
                 pats = ", ".join(f"{n} x {d}" for d, n in counts.items())
                 gqa = f", GQA {s.num_heads}/{s.num_kv_heads}" if s.num_kv_heads != s.num_heads else ""
-                lines.append(f"  sparse  {where} [layer {s.layer}, {s.reason}{gqa}]: {pats}")
+                held = self.rank_heads.get(s.layer)
+                tp = f", {held.describe()}" if held is not None else ""
+                lines.append(f"  sparse  {where} [layer {s.layer}, {s.reason}{gqa}{tp}]: {pats}")
             else:
                 lines.append(f"  dense   {where}: {s.reason}")
         lines.extend(f"  note    {n}" for n in self.notes)
