@@ -14,22 +14,24 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .config import BackendConfig, HeadPattern, Pattern
-from .report import CompileReport, _record
+from .report import CompileReport, _record, register_site
 
 __all__ = ["minference", "backend"]
 
 _graph_ids = itertools.count()
 
 
-def _make_call(cfg: BackendConfig):
+def _make_call(cfg: BackendConfig, graph_id: int, site_ids: list):
     from .ops import encode_heads
 
     def make_call(graph: torch.fx.Graph, f: dict[str, Any]) -> torch.fx.Node:
         codes, b0, b1 = encode_heads(f["heads"])
+        site = register_site(graph_id, f["layer"], None)  # where the op records what it ran
+        site_ids.append(site)
         return graph.call_function(
             torch.ops.mif.sparse_attention.default,
             (f["q"], f["k"], f["v"], f["padding"], f["scale"], codes, b0, b1,
-             cfg.min_seq_len, cfg.last_q, cfg.block_m, cfg.impl, cfg.max_density),
+             cfg.min_seq_len, cfg.last_q, cfg.block_m, cfg.impl, cfg.max_density, site),
         )
 
     return make_call
@@ -92,8 +94,9 @@ def compile_graph(
     from . import ops  # noqa: F401  (registers torch.ops.mif.sparse_attention)
     from .passes import rewrite_sdpa
 
-    result = rewrite_sdpa(gm, _plan_for(cfg), _make_call(cfg))
-    report = CompileReport(next(_graph_ids), result.sites, result.counters, cfg.min_seq_len, cfg.impl)
+    graph_id, site_ids = next(_graph_ids), []
+    result = rewrite_sdpa(gm, _plan_for(cfg), _make_call(cfg, graph_id, site_ids))
+    report = CompileReport(graph_id, result.sites, result.counters, cfg.min_seq_len, cfg.impl, site_ids=site_ids)
     patches = _inductor_patches(mode) if inductor else {}
     off = _cudagraphs_off_reason(report.sites, prefill_cudagraphs) if patches.get("triton.cudagraphs") else None
     if off:
