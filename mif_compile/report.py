@@ -9,7 +9,7 @@ A rewritten site can still run dense SDPA at run time: below ``min_seq_len``, wh
 index keeps more than ``max_density`` of the causal pairs, or on CPU with ``impl="auto"``. The op
 records every call per site (:func:`record_run`, host-side counters, no device read of its own);
 the report's ``run`` lines show them, and the first dense run of a site for each reason is logged
-at INFO.
+at INFO. Replays of a captured CUDA graph run no Python and are not counted.
 """
 
 from __future__ import annotations
