@@ -1,10 +1,12 @@
 """Compile a small random-weight Llama with the minference backend and prefill a long prompt.
 
-    python examples/quickstart.py                 # CPU: 4K tokens through the PyTorch reference path
+    python examples/quickstart.py                 # CPU: 4K tokens; the op runs dense SDPA on CPU
+    python examples/quickstart.py --impl reference  # CPU: the sparse path in pure PyTorch (slow)
     python examples/quickstart.py --seq-len 131072  # on a GPU: bf16 through the Triton kernels
 
-Prints which attention sites were rewritten, the error of the sparse logits against dense, and the
-prefill time of both. The weights are random, so attention is diffuse and sparse patterns drop real
+Prints which attention sites were rewritten, what each of them ran at run time (sparse, or dense and
+why: CPU with impl="auto", below min_seq_len, estimated density above max_density), the error of the
+logits against dense, and the prefill time of both. The weights are random, so attention is diffuse and sparse patterns drop real
 mass: expect a visible error here, unlike on trained models whose attention is sparse.
 """
 
@@ -54,6 +56,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seq-len", type=int, default=None, help="prompt length (default 4096 on CPU, 65536 on GPU)")
     p.add_argument("--min-seq-len", type=int, default=0, help="dense below this length (0: always sparse)")
+    p.add_argument("--impl", default="auto", choices=("auto", "reference", "triton"),
+                   help="the op's implementation (auto: Triton on a GPU, dense SDPA on CPU)")
     p.add_argument("--budget", type=int, nargs=2, metavar=("V", "S"), default=None,
                    help="vertical-slash budget (default: MInference's 1000 6096 on GPU, N/16 N/8 on CPU)")
     args = p.parse_args()
@@ -68,7 +72,8 @@ def main() -> None:
     v, s = args.budget or ((1000, 6096) if dev == "cuda" else (n // 16, n // 8))
     pattern = mif_compile.HeadPattern.vertical_slash(v, s)
     sparse_model = torch.compile(model, backend="minference",
-                                 options={"min_seq_len": args.min_seq_len, "default_pattern": pattern})
+                                 options={"min_seq_len": args.min_seq_len, "default_pattern": pattern,
+                                          "impl": args.impl})
 
     def sparse():
         with torch.no_grad():
@@ -77,13 +82,12 @@ def main() -> None:
     print(f"Llama 4 layers, 8 heads (2 kv), head_dim 64, {dtype}, prompt {n} tokens on {dev}")
     ref, t_dense = timed(dense, dev)
     out, t_sparse = timed(sparse, dev)
-    print(mif_compile.last_report())
+    report = mif_compile.last_report()
+    print(report)
     err = ((out - ref).norm() / ref.norm()).item()
     agree = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
     print(f"last-token logits: relative error vs dense {err:.3e}, argmax agreement {agree:.0%}")
+    print(report.run_summary())
     print(f"prefill: dense eager SDPA {t_dense * 1e3:.1f} ms, minference {t_sparse * 1e3:.1f} ms "
           f"({t_dense / t_sparse:.2f}x)")
 
-
-if __name__ == "__main__":
-    main()

@@ -16,24 +16,26 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .config import BackendConfig, ConfigError, HeadPattern, Pattern
-from .report import CompileReport, _record
+from .report import CompileReport, _record, register_site
 
 __all__ = ["minference", "backend"]
 
 _graph_ids = itertools.count()
 
 
-def _make_call(cfg: BackendConfig):
+def _make_call(cfg: BackendConfig, graph_id: int, site_ids: list):
     from .ops import encode_heads, encode_mass
 
     def make_call(graph: torch.fx.Graph, f: dict[str, Any]) -> torch.fx.Node:
         codes, b0, b1 = encode_heads(f["heads"])
         mass = encode_mass(f["heads"])
+        site = register_site(graph_id, f["layer"], None)  # where the op records what it ran
+        site_ids.append(site)
         return graph.call_function(
             torch.ops.mif.sparse_attention.default,
             (f["q"], f["k"], f["v"], f["padding"], f["scale"], codes, b0, b1,
              cfg.min_seq_len, cfg.last_q, cfg.block_m, cfg.impl, cfg.max_density,
-             *((mass,) if any(mass) else ())),
+             mass if any(mass) else None, site),
         )
 
     return make_call
@@ -121,8 +123,9 @@ def compile_graph(
     from .passes import rewrite_sdpa
 
     rank_heads: dict = {}
-    result = rewrite_sdpa(gm, _plan_for(cfg, tp_rank(example_inputs), rank_heads), _make_call(cfg))
-    report = CompileReport(next(_graph_ids), result.sites, result.counters, cfg.min_seq_len, cfg.impl)
+    graph_id, site_ids = next(_graph_ids), []
+    result = rewrite_sdpa(gm, _plan_for(cfg, tp_rank(example_inputs), rank_heads), _make_call(cfg, graph_id, site_ids))
+    report = CompileReport(graph_id, result.sites, result.counters, cfg.min_seq_len, cfg.impl, site_ids=site_ids)
     report.rank_heads = rank_heads
     patches = _inductor_patches(mode) if inductor else {}
     off = _cudagraphs_off_reason(report.sites, prefill_cudagraphs) if patches.get("triton.cudagraphs") else None

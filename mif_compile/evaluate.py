@@ -111,6 +111,11 @@ class _Runner:
         else:
             import mif_compile
 
+            cfg = run.cfg
+            if cfg.impl == "auto" and next(model.parameters()).device.type == "cpu":
+                # the op runs dense SDPA on CPU under "auto"; an evaluation is about the sparse path
+                cfg = dataclasses.replace(cfg, impl="reference")
+            self.run = run = Run(run.name, cfg)
             torch._dynamo.reset()  # a fresh cache: no stale graph of another run, no recompile limit
             mif_compile.clear_reports()
             self.fn = torch.compile(decoder, backend=mif_compile.backend(run.cfg, inductor=inductor))
@@ -181,12 +186,24 @@ def _batches(items: list, size: int):
         yield items[i:i + size]
 
 
+def _planned_tokens(lengths, depth_count: int, samples: int, ppl_samples: int, tasks) -> int:
+    """Tokens one run feeds through the model (the progress bar's total)."""
+    seqs = (depth_count * samples if "needle" in tasks else 0) + (samples if "multikey" in tasks else 0) + \
+        (ppl_samples if "ppl" in tasks else 0)
+    return seqs * sum(lengths)
+
+
 def evaluate(model, fmt, tokenizer, runs: Sequence[Run], lengths: Sequence[int], *, text: str | None = None,
              depths: int = 11, samples: int = 2, keys: int = 16, ppl_samples: int = 2, tasks=("needle", "multikey", "ppl"),
-             batch_tokens: int = 32768, inductor: bool = False, seed: int = 0, log=print) -> dict[str, Any]:
+             batch_tokens: int = 32768, inductor: bool = False, seed: int = 0, log=print,
+             progress: bool = True) -> dict[str, Any]:
     """Run every task at every length for every run on the same inputs; returns the results dict
     (``rows``: one per (length, run); ``needle``: run -> [depth][length] accuracy; ``runs``: per run
-    the backend's report and per-length, per-layer kept density)."""
+    the backend's report and per-length, per-layer kept density). ``progress``: a tqdm bar on stderr
+    counting the tokens fed through the model, with its rate and time left. On CPU, sparse runs with
+    ``impl="auto"`` use the reference path (the op's "auto" runs dense there)."""
+    from tqdm.auto import tqdm
+
     from .ops import collect_stats
 
     device = next(model.parameters()).device
@@ -195,19 +212,24 @@ def evaluate(model, fmt, tokenizer, runs: Sequence[Run], lengths: Sequence[int],
     res: dict[str, Any] = {"lengths": list(lengths), "depths": depth_grid, "keys": keys, "samples": samples,
                            "format": fmt.name, "rows": [], "needle": {}, "runs": {}, "device": _device_name(device),
                            "torch": torch.__version__, "haystack_tokens": len(hay)}
+    per_run = _planned_tokens(lengths, len(depth_grid), samples, ppl_samples, tasks)
+    bar = tqdm(total=per_run * len(runs), unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True,
+               mininterval=2.0, file=sys.stderr)
     for run in runs:
         runner = _Runner(model, run, inductor)
+        run = runner.run  # its settings as run (impl resolved for the device)
         info = {"sparse_settings": None if run.cfg is None else {
             "min_seq_len": run.cfg.min_seq_len, "max_density": run.cfg.max_density, "impl": run.cfg.impl,
             "default_pattern": run.cfg.plan.default.describe(), "per_layer_plan": run.cfg.plan.layers is not None},
             "density_per_layer": {}}
         heat = [[None] * len(lengths) for _ in depth_grid]
         for li, n in enumerate(lengths):
+            bar.set_description(f"{run.name} {n}")
             bsz = max(1, batch_tokens // n)
             row: dict[str, Any] = {"length": n, "run": run.name}
             times, stats, n_fwd = [], [], 0
 
-            def fwd(fn, *a):
+            def fwd(tokens, fn, *a):
                 nonlocal n_fwd
                 _sync(device)
                 t = time.perf_counter()
@@ -215,6 +237,7 @@ def evaluate(model, fmt, tokenizer, runs: Sequence[Run], lengths: Sequence[int],
                     r = fn(*a)
                 _sync(device)
                 times.append(time.perf_counter() - t)
+                bar.update(tokens)
                 stats.extend(st)
                 n_fwd += 1
                 return r
@@ -224,7 +247,7 @@ def evaluate(model, fmt, tokenizer, runs: Sequence[Run], lengths: Sequence[int],
                          for d, depth in enumerate(depth_grid) for k in range(samples)]
                 hits = [[] for _ in depth_grid]
                 for chunk in _batches(items, bsz):
-                    for (d, _), ok in zip(chunk, fwd(_score, runner, [s for _, s in chunk], device)):
+                    for (d, _), ok in zip(chunk, fwd(n * len(chunk), _score, runner, [s for _, s in chunk], device)):
                         hits[d].append(all(ok))
                 for d in range(len(depth_grid)):
                     heat[d][li] = sum(hits[d]) / len(hits[d])
@@ -233,7 +256,7 @@ def evaluate(model, fmt, tokenizer, runs: Sequence[Run], lengths: Sequence[int],
                 items = [multikey_sample(fmt, hay, n, keys, seed * 1_000_003 + n * 13 + k + 500) for k in range(samples)]
                 oks = []
                 for chunk in _batches(items, bsz):
-                    for ok in fwd(_score, runner, chunk, device):
+                    for ok in fwd(n * len(chunk), _score, runner, chunk, device):
                         oks += ok
                 row["multikey"] = sum(oks) / len(oks)
             if "ppl" in tasks:
@@ -241,7 +264,7 @@ def evaluate(model, fmt, tokenizer, runs: Sequence[Run], lengths: Sequence[int],
                 windows = [text_window(fmt, hay, n, seed * 1_000_003 + n + k + 900) for k in range(ppl_samples)]
                 for chunk in _batches(windows, bsz):
                     ids = torch.tensor(chunk, device=device)
-                    nll += fwd(lambda x: runner.nll_sum(runner.hidden(x), x), ids)
+                    nll += fwd(ids.numel(), lambda x: runner.nll_sum(runner.hidden(x), x), ids)
                     cnt += ids.shape[0] * (ids.shape[1] - 1)
                 row["ppl"] = math.exp(nll / cnt)
             row["time_s"] = sum(times)
@@ -261,6 +284,7 @@ def evaluate(model, fmt, tokenizer, runs: Sequence[Run], lengths: Sequence[int],
         res["runs"][run.name] = info
         if "needle" in tasks:
             res["needle"][run.name] = heat
+    bar.close()
     return res
 
 
@@ -330,7 +354,8 @@ def describe(res: dict) -> str:
 
 
 def plot_needle(res: dict, path: str) -> None:
-    """A depth x length heatmap of needle accuracy per run (matplotlib, Agg canvas)."""
+    """A depth x length heatmap of needle accuracy per run (matplotlib, Agg canvas; ImportError
+    without it)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -398,7 +423,7 @@ def _parse(argv, prog: str = "python -m mif_compile.evaluate"):
     p.add_argument("--batch-tokens", type=number(int, 1), default=32768,
                    help="tokens per forward (batch = this // length)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="folder for results.json, table.txt and needle.png")
+    p.add_argument("--out", help="folder for results.json, table.txt and needle.png (the heatmap needs matplotlib)")
     return p.parse_args(argv)
 
 
@@ -441,15 +466,19 @@ def run_cli(args) -> dict:
     note = ("sparse runs keep the op's defaults min_seq_len=32768, max_density=0.6" if args.op_defaults else
             "sparse runs use min_seq_len=0 and max_density=1.0 (not the op's defaults 32768 and 0.6, which would run "
             "these lengths dense)")
+    tasks = tuple(args.tasks.split(","))
+    tokens = _planned_tokens(lengths, args.depths if args.depths > 1 else 1, args.samples, args.ppl_samples, tasks)
     print(f"model {args.model} ({fmt.name} format) on {args.device} {dtype}; {note}", flush=True)
+    print(f"{len(runs)} runs ({', '.join(r.name for r in runs)}) x {tokens:,} tokens each; progress and time left "
+          "on stderr", flush=True)
+    from tqdm.auto import tqdm
+
     print(_header(), flush=True)
     res = evaluate(model, fmt, tok, runs, lengths, text=args.text, depths=args.depths, samples=args.samples,
-                   keys=args.keys, ppl_samples=args.ppl_samples, tasks=tasks,
-                   batch_tokens=args.batch_tokens, inductor=args.inductor, seed=args.seed,
-                   log=lambda line: print(line, flush=True))
+                   keys=args.keys, ppl_samples=args.ppl_samples, tasks=tasks, batch_tokens=args.batch_tokens,
+                   inductor=args.inductor, seed=args.seed, log=lambda line: tqdm.write(line, file=sys.stdout))
     res.update(model=args.model, note=note, dtype=str(dtype))
-    table = format_table(res)
-    print("\n" + table + "\n" + describe(res))
+    print("\n" + describe(res))  # the table's rows were printed as they finished
     for name, info in res["runs"].items():
         if info["report"]:
             print(f"{name}: {info['report'].splitlines()[0]}")
@@ -458,9 +487,15 @@ def run_cli(args) -> dict:
         with open(os.path.join(args.out, "results.json"), "w") as f:
             json.dump(res, f, indent=1)
         with open(os.path.join(args.out, "table.txt"), "w") as f:
-            f.write(f"model {args.model}; {note}\n{table}\n{describe(res)}\n")
-        if "needle" in args.tasks:
-            plot_needle(res, os.path.join(args.out, "needle.png"))
+            f.write(f"model {args.model}; {note}\n{format_table(res)}\n{describe(res)}\n")
+        written = ["results.json", "table.txt"]
+        if "needle" in tasks:
+            try:
+                plot_needle(res, os.path.join(args.out, "needle.png"))
+                written.append("needle.png")
+            except ImportError:
+                print("needle.png not drawn: it needs matplotlib (pip install matplotlib)", flush=True)
+        print(f"wrote {', '.join(written)} to {args.out}", flush=True)
     return res
 
 

@@ -2,7 +2,10 @@
 
 It is the only place that chooses between dense SDPA (short prompts: the original computation) and
 the sparse path (estimation for all heads at once, one unified index, one sparse-attention call),
-and between the pure-PyTorch reference and the Triton kernels (``impl``; "auto" = Triton on CUDA).
+and between the pure-PyTorch reference and the Triton kernels (``impl``; "auto" = Triton on CUDA and
+dense SDPA on CPU, where the reference is slower than dense: CPU callers that want the sparse path,
+tests, search and evaluation, pass ``impl="reference"``). Each call records for the report whether
+it ran sparse or dense and why (host-side counters; ``mif_compile.report.record_run``).
 
 The layer's head plan arrives as three int lists (pattern code, first and second budget per head),
 baked into the graph as constants; the sequence length is read at run time, so a new prompt length
@@ -21,6 +24,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import report as _report
 from .config import PATTERN_FROM_CODE, HeadPattern, Pattern, clamp_budget
 
 __all__ = ["sparse_attention", "dense_attention", "run_layer", "encode_heads", "encode_mass", "build_layer_index", "kept_density", "collect_stats", "BLOCK_N"]
@@ -199,18 +203,35 @@ def run_layer(
     impl: str = "auto",
     max_density: float = 1.0,
     mass: Optional[Sequence[float]] = None,
+    site: int = -1,
 ) -> torch.Tensor:
-    """One attention layer of a causal prefill. q: [B, H, N, D]; k, v: [B, Hkv, N, D] -> [B, H, N, D]."""
+    """One attention layer of a causal prefill. q: [B, H, N, D]; k, v: [B, Hkv, N, D] -> [B, H, N, D].
+
+    Dense SDPA below ``min_seq_len``, on CPU with ``impl="auto"`` (the CPU sparse path is the
+    pure-PyTorch reference, slower than dense; ``impl="reference"`` asks for it), and when the
+    estimated index keeps more than ``max_density`` of the causal pairs. ``mass``: per-head targets of
+    the adaptive index (0 or None: fixed budgets). ``site`` (the backend's site id) is where the
+    choice is recorded for the report (:func:`mif_compile.report.record_run`).
+    """
     q, k, v, key_padding, patterns, budget0, budget1, mass, top_left = _run_time_guard(
         q, k, v, key_padding, patterns, budget0, budget1, mass)
     if top_left:
         return _top_left_causal(q, k, v, key_padding, scale)
     n = q.shape[2]
-    if n < max(min_seq_len, 2) or all(c == Pattern.DENSE.code for c in patterns):
+    if n < max(min_seq_len, 2):
+        _record_run(site, n, _report.SHORT, f"N={n} < min_seq_len {min_seq_len}")
+        return dense_attention(q, k, v, key_padding, scale)
+    if all(c == Pattern.DENSE.code for c in patterns):
+        _record_run(site, n, _report.PLAN_DENSE)
+        return dense_attention(q, k, v, key_padding, scale)
+    if impl == "auto" and q.device.type == "cpu":
+        _note_cpu_auto()
+        _record_run(site, n, _report.CPU_AUTO)
         return dense_attention(q, k, v, key_padding, scale)
     index = build_layer_index(q, k, key_padding, scale, patterns, budget0, budget1, last_q, block_m, impl,
                               mass=mass)
     check = max_density < 1.0
+    density = None
     if (check or _STATS is not None) and not _capturing(q):
         # one tiny device->host read per layer (never while a CUDA graph is captured): when the
         # estimated index keeps most causal pairs (e.g. scattered slashes on unstructured attention),
@@ -219,7 +240,9 @@ def run_layer(
         fall_back = check and density > max_density
         _record_stat(n, density, fall_back)
         if fall_back:
+            _record_run(site, n, _report.DENSITY, f"kept density {density:.3f} > max_density {max_density}", density)
             return dense_attention(q, k, v, key_padding, scale)
+    _record_run(site, n, None, density=density)
     from . import kernels as K
 
     out = K.sparse_attention(
@@ -264,6 +287,22 @@ def _top_left_causal(q, k, v, key_padding, scale):
         mask = causal[None, None] & key_padding[:, None, None, :].to(torch.bool)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return out.contiguous()
+
+
+def _record_run(site: int, n: int, reason: str | None, detail: str = "", density: float | None = None) -> None:
+    if site >= 0:
+        _report.record_run(site, n, reason, detail, density)
+
+
+_CPU_NOTED = False
+
+
+def _note_cpu_auto() -> None:
+    global _CPU_NOTED
+    if not _CPU_NOTED:
+        _CPU_NOTED = True
+        _report.log.info("CPU tensors with impl='auto': the op runs dense SDPA (the sparse path on CPU is the "
+                         "pure-PyTorch reference, slower than dense); impl='reference' runs the reference")
 
 
 def build_layer_index(
@@ -375,14 +414,15 @@ def sparse_attention(
     impl: str,
     max_density: float,
     mass: Optional[list[float]] = None,
+    site: int = -1,
 ) -> torch.Tensor:
     """Causal prefill attention of one layer with a per-head MInference plan (see :func:`run_layer`);
     ``mass``: per-head targets of the adaptive index (0.0 or None: fixed budgets)."""
     return run_layer(q, k, v, key_padding, scale, patterns, budget0, budget1, min_seq_len, last_q, block_m, impl,
-                     max_density, mass)
+                     max_density, mass, site)
 
 
 @sparse_attention.register_fake
 def _sparse_attention_fake(q, k, v, key_padding, scale, patterns, budget0, budget1, min_seq_len, last_q, block_m, impl,
-                           max_density, mass=None):
+                           max_density, mass=None, site=-1):
     return q.new_empty(q.shape)  # contiguous, like the real op's output

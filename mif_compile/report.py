@@ -1,8 +1,15 @@
-"""What the backend did to each compiled graph: which SDPA sites run sparse, which stay dense and why.
+"""What the backend did to each compiled graph: which SDPA sites run sparse, which stay dense and why,
+and, once the graph has run, what each rewritten site did at run time.
 
 Every call of the backend appends a :class:`CompileReport`; ``mif_compile.last_report()`` returns the
 newest, ``mif_compile.reports()`` all of them. The same lines go to the ``mif_compile`` logger
 (INFO for the summary, DEBUG per site); set ``MIF_COMPILE_LOG=info`` (or ``debug``) to print them.
+
+A rewritten site can still run dense SDPA at run time: below ``min_seq_len``, when the estimated
+index keeps more than ``max_density`` of the causal pairs, or on CPU with ``impl="auto"``. The op
+records every call per site (:func:`record_run`, host-side counters, no device read of its own);
+the report's ``run`` lines show them, and the first dense run of a site for each reason is logged
+at INFO. Replays of a captured CUDA graph run no Python and are not counted.
 """
 
 from __future__ import annotations
@@ -23,10 +30,84 @@ elif _level not in ("", "DEBUG", "INFO", "WARNING"):  # say so instead of ignori
     log.warning("mif_compile: MIF_COMPILE_LOG=%r is not one of info, debug, warning; no log lines are printed",
                 os.environ["MIF_COMPILE_LOG"])
 
-__all__ = ["CompileReport", "last_report", "reports", "clear_reports"]
+__all__ = ["CompileReport", "SiteRuns", "last_report", "reports", "clear_reports", "register_site", "record_run"]
 
 _REPORTS: list["CompileReport"] = []
 _MAX_REPORTS = 256
+
+# why a rewritten site ran dense SDPA at run time (the keys of SiteRuns.dense)
+SHORT = "below min_seq_len"
+DENSITY = "density above max_density"
+CPU_AUTO = "CPU with impl='auto'"
+PLAN_DENSE = "every head's plan is dense"
+
+_EXPLAIN = {
+    SHORT: "the prompt is shorter than min_seq_len",
+    DENSITY: "the estimated index kept more than max_density of the causal pairs (dense kernels are faster per pair)",
+    CPU_AUTO: "on CPU the sparse path is the pure-PyTorch reference, slower than dense SDPA; impl='reference' "
+              "runs it anyway",
+    PLAN_DENSE: "no head of the plan is sparse",
+}
+
+
+@dataclasses.dataclass
+class SiteRuns:
+    """What one rewritten site did at run time, over all its calls so far."""
+
+    graph_id: int
+    layer: int | None
+    module: str | None
+    calls: int = 0
+    sparse: int = 0
+    dense: Counter = dataclasses.field(default_factory=Counter)  # reason -> calls
+    last_seq_len: int | None = None
+    last_density: float | None = None  # kept share of causal pairs, when the op read it
+    last_reason: str | None = None  # the newest dense call's reason with its numbers
+
+    def format(self) -> str:
+        where = f"layer {self.layer}" if self.layer is not None else (self.module or "site")
+        if not self.calls:
+            return f"  run     {where}: not called yet"
+        parts = [f"{self.sparse} sparse"] + [f"{n} dense ({r})" for r, n in self.dense.items()]
+        line = f"  run     {where}: {self.calls} call(s), " + ", ".join(parts) + f"; last N={self.last_seq_len}"
+        if self.last_density is not None:
+            line += f", kept density {self.last_density:.3f}"
+        if self.dense:
+            line += f"; last dense: {self.last_reason}"
+        return line
+
+
+_SITES: list[SiteRuns] = []  # indexed by the site id the op carries
+
+
+def register_site(graph_id: int, layer: int | None, module: str | None) -> int:
+    """A new site id for a rewritten site of graph ``graph_id`` (baked into its op call)."""
+    _SITES.append(SiteRuns(graph_id, layer, module))
+    return len(_SITES) - 1
+
+
+def record_run(site: int, seq_len: int, dense_reason: str | None, detail: str = "",
+               density: float | None = None) -> None:
+    """One op call of ``site`` (host-side bookkeeping only): sparse when ``dense_reason`` is None,
+    else dense for that reason (``detail``: its numbers, e.g. ``N=4096 < 32768``). The first dense
+    call of a site for each reason is logged at INFO, the first CPU-auto call of the process once."""
+    if not 0 <= site < len(_SITES):
+        return  # an op call made outside the backend (tests, search), or after clear_reports()
+    r = _SITES[site]
+    r.calls += 1
+    r.last_seq_len = seq_len
+    if density is not None:
+        r.last_density = density
+    if dense_reason is None:
+        r.sparse += 1
+        return
+    first = r.dense[dense_reason] == 0
+    r.dense[dense_reason] += 1
+    r.last_reason = f"{dense_reason}{': ' + detail if detail else ''}"
+    if first:
+        where = f"layer {r.layer}" if r.layer is not None else (r.module or f"site {site}")
+        log.info(f"graph {r.graph_id} {where} ran dense SDPA at N={seq_len}: {r.last_reason} "
+                 f"({_EXPLAIN[dense_reason]})")
 
 
 @dataclasses.dataclass
@@ -40,6 +121,7 @@ class CompileReport:
     impl: str
     notes: list = dataclasses.field(default_factory=list)  # how the graph was compiled, e.g. CUDA graphs
     rank_heads: dict = dataclasses.field(default_factory=dict)  # tensor parallel: layer -> distributed.RankHeads
+    site_ids: list = dataclasses.field(default_factory=list)  # run-time records of the rewritten sites
 
     @property
     def rewritten(self) -> list:
@@ -48,6 +130,27 @@ class CompileReport:
     @property
     def dense(self) -> list:
         return [s for s in self.sites if not s.rewritten]
+
+    @property
+    def runs(self) -> list[SiteRuns]:
+        """Run-time record of each rewritten site, in graph order (empty lists before the first call)."""
+        return [_SITES[i] for i in self.site_ids if i < len(_SITES)]
+
+    @property
+    def ran_dense(self) -> list[SiteRuns]:
+        """Rewritten sites that ran dense SDPA in at least one call so far."""
+        return [r for r in self.runs if r.dense]
+
+    def run_summary(self) -> str:
+        """One line: how many rewritten sites ran dense SDPA at run time, and why."""
+        runs = [r for r in self.runs if r.calls]
+        if not runs:
+            return "at run time: no rewritten site was called yet"
+        dense = [r for r in runs if r.dense]
+        if not dense:
+            return f"at run time: all {len(runs)} rewritten site(s) ran sparse"
+        why = "; ".join(f"{k}: {_EXPLAIN[k]}" for k in _reasons(dense))
+        return f"at run time: {len(dense)} of {len(runs)} rewritten site(s) ran dense SDPA in some call ({why})"
 
     def summary(self) -> str:
         return (
@@ -69,10 +172,18 @@ class CompileReport:
             else:
                 lines.append(f"  dense   {where}: {s.reason}")
         lines.extend(f"  note    {n}" for n in self.notes)
+        runs = self.runs
+        if any(r.calls for r in runs):
+            lines.append(f"  {self.run_summary()}")
+            lines.extend(r.format() for r in runs)
         return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.format()
+
+
+def _reasons(runs: list[SiteRuns]) -> list[str]:
+    return list(dict.fromkeys(k for r in runs for k in r.dense))
 
 
 def _record(report: CompileReport) -> None:
@@ -94,4 +205,5 @@ def reports() -> list[CompileReport]:
 
 
 def clear_reports() -> None:
+    """Forget every report (the run-time records stay: compiled graphs still carry their site ids)."""
     _REPORTS.clear()

@@ -10,6 +10,8 @@ import os
 import pytest
 import torch
 
+pytest_plugins = ["pytester"]  # tests/test_install.py runs pytest on a throw-away test
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -26,6 +26,7 @@ def _compile(model, **options):
     options.setdefault("min_seq_len", 0)
     options.setdefault("inductor", False)
     options.setdefault("max_density", 1.0)  # always sparse: these short prompts keep most pairs
+    options.setdefault("impl", "reference")  # on CPU "auto" runs dense SDPA
     return torch.compile(model, backend="minference", options=options, dynamic=True)
 
 
@@ -98,7 +99,8 @@ def test_generate_prefill_sparse_decode_dense():
     with torch.no_grad():
         ref = model.generate(ids, max_new_tokens=6, do_sample=False)
     model.forward = torch.compile(
-        model.forward, backend="minference", options=dict(min_seq_len=0, default_pattern=FULL, inductor=False, max_density=1.0),
+        model.forward, backend="minference",
+        options=dict(min_seq_len=0, default_pattern=FULL, inductor=False, max_density=1.0, impl="reference"),
         dynamic=True,
     )
     with torch.no_grad():
@@ -119,7 +121,7 @@ def test_generate_left_padded_batch_both_compile_forms(how):
     ids = _ids(batch=2, n=200)
     mask = torch.ones_like(ids)
     mask[1, :29] = 0
-    options = dict(min_seq_len=0, default_pattern=FULL, inductor=False, max_density=1.0)
+    options = dict(min_seq_len=0, default_pattern=FULL, inductor=False, max_density=1.0, impl="reference")
     with torch.no_grad():
         ref = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
         if how == "module.compile":
@@ -139,7 +141,7 @@ def test_generate_sparse_matches_reference_generate():
     with torch.no_grad():
         compiled = MODELS["llama"]()
         compiled.forward = torch.compile(compiled.forward, backend="minference",
-                                         options=dict(min_seq_len=0, config=SPARSE, inductor=False, max_density=1.0), dynamic=True)
+                                         options=dict(min_seq_len=0, config=SPARSE, inductor=False, max_density=1.0, impl="reference"), dynamic=True)
         out = compiled.generate(ids, max_new_tokens=4, do_sample=False)
         ref = use_reference_attention(model, BackendConfig(plan=SPARSE, min_seq_len=0, max_density=1.0)).generate(
             ids, max_new_tokens=4, do_sample=False)
@@ -150,7 +152,7 @@ def test_no_recompile_over_lengths():
     model = MODELS["llama"]()
     calls = []
     inner = mif_compile.backend(min_seq_len=0, default_pattern=HeadPattern.vertical_slash(40, 120), inductor=False,
-                                max_density=1.0)
+                                max_density=1.0, impl="reference")
 
     def counting(gm, example_inputs, **kw):
         calls.append(gm)
@@ -175,7 +177,8 @@ def test_inductor_compiles_the_rewritten_graph():
     ids = _ids(n=256)
     with torch.no_grad():
         ref = use_reference_attention(MODELS["llama"](), BackendConfig(plan=SPARSE, min_seq_len=0, max_density=1.0))(ids).logits
-        out = torch.compile(model, backend="minference", options=dict(min_seq_len=0, config=SPARSE, max_density=1.0))(ids).logits
+        out = torch.compile(model, backend="minference", options=dict(
+            min_seq_len=0, config=SPARSE, max_density=1.0, impl="reference"))(ids).logits
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
@@ -197,7 +200,7 @@ def test_static_cache_generate_is_exact():
     with torch.no_grad():
         ref = model.generate(ids, max_new_tokens=5, do_sample=False, cache_implementation="static")
         model.forward = torch.compile(model.forward, backend="minference", dynamic=True,
-                                      options=dict(min_seq_len=0, default_pattern=FULL, inductor=False, max_density=1.0))
+                                      options=dict(min_seq_len=0, default_pattern=FULL, inductor=False, max_density=1.0, impl="reference"))
         out = model.generate(ids, max_new_tokens=5, do_sample=False, cache_implementation="static")
     assert torch.equal(out, ref)
     sites = [s for r in mif_compile.reports() for s in r.sites]
@@ -238,7 +241,8 @@ def test_options_may_carry_the_inductor_mode(monkeypatch):
     monkeypatch.setattr(mod, "compile_graph", spy)
     model = MODELS["llama"]()
     with torch.no_grad():
-        torch.compile(model, backend="minference", options=dict(mode="max-autotune-no-cudagraphs", min_seq_len=7))(_ids())
+        torch.compile(model, backend="minference", options=dict(
+            mode="max-autotune-no-cudagraphs", min_seq_len=7, impl="reference"))(_ids())
     assert seen == {"mode": "max-autotune-no-cudagraphs", "min_seq_len": 7}
 
 
@@ -266,7 +270,7 @@ def test_reduce_overhead_keeps_cuda_graphs_for_decode_only(monkeypatch, prefill_
         ref = model.generate(ids, **kw)
         model.forward = torch.compile(model.forward, backend="minference", dynamic=True, options=dict(
             mode="reduce-overhead", prefill_cudagraphs=prefill_cudagraphs, min_seq_len=0, default_pattern=FULL,
-            max_density=1.0))
+            max_density=1.0, impl="reference"))
         out = model.generate(ids, **kw)
     assert torch.equal(out, ref)
     reports = mif_compile.reports()

@@ -63,7 +63,7 @@ def _prompt(n=320):
 
 
 def _backend(plan):
-    return mif_compile.backend(plan, inductor=False, min_seq_len=0, max_density=1.0, block_m=64)
+    return mif_compile.backend(plan, inductor=False, min_seq_len=0, max_density=1.0, block_m=64, impl="reference")
 
 
 def test_backend_slices_a_global_plan_for_the_faked_rank(monkeypatch):
@@ -80,7 +80,7 @@ def test_backend_slices_a_global_plan_for_the_faked_rank(monkeypatch):
     assert str(report).count("tp rank 1/2: global heads 4-7 of 8, plan sliced") == 2
 
     def reference(layers):
-        cfg = BackendConfig(plan=ModelPlan(layers=layers), min_seq_len=0, max_density=1.0, block_m=64)
+        cfg = BackendConfig(plan=ModelPlan(layers=layers), min_seq_len=0, max_density=1.0, block_m=64, impl="reference")
         with torch.no_grad():
             return use_reference_attention(tiny_llama(), cfg)(ids).logits
 

@@ -48,13 +48,34 @@ def test_cli_writes_table_json_and_heatmap(tmp_path, capsys):
     rc = main(["--model", "builtin", "--lengths", "512", "--depths", "2", "--samples", "1", "--keys", "4",
                "--ppl-samples", "1", "--baselines", "a_shape", "--a-shape", "16,64", "--out", str(out)])
     assert rc == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "min_seq_len=0 and max_density=1.0" in printed and "a_shape" in printed
+    assert printed.count("needle multikey") == 1, printed  # the table is printed once, row by row
+    assert "3 runs (dense, ours, a_shape) x 2,048 tokens each" in printed  # 2 needles + 1 multi-key + 1 ppl
+    assert "6.14k/6.14k" in captured.err or "6144/6144" in captured.err, captured.err  # tqdm's progress
     res = json.loads((out / "results.json").read_text())
+    assert res["runs"]["ours"]["sparse_settings"]["impl"] == "reference"  # CPU: "auto" would run dense
     assert [r["run"] for r in res["rows"]] == ["dense", "ours", "a_shape"]
     a_shape = res["rows"][2]
     assert a_shape["density"] < res["rows"][1]["density"] == 1.0 and res["runs"]["a_shape"]["density_per_layer"]["512"]
     assert (out / "needle.png").stat().st_size > 1000 and (out / "table.txt").exists()
+
+
+def test_cli_out_without_matplotlib(tmp_path, capsys, monkeypatch):
+    import sys
+
+    for mod in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, mod, None)  # import fails as when it is not installed
+    out = tmp_path / "eval"
+    rc = main(["--model", "builtin", "--lengths", "256", "--depths", "2", "--samples", "1", "--tasks", "needle",
+               "--baselines", "", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert "needle.png not drawn: it needs matplotlib (pip install matplotlib)" in printed
+    assert "wrote results.json, table.txt to" in printed
+    assert json.loads((out / "results.json").read_text())["rows"] and (out / "table.txt").exists()
+    assert not (out / "needle.png").exists()
 
 
 def test_cli_rejects_unknown_baseline(capsys):
