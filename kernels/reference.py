@@ -322,7 +322,9 @@ def sparse_attention_blocks(q, k, v, index: SparseIndex, m_lo: int, m_hi: int, *
     n_slot = max(1, min(cap, _STEP_ELEMS // per_block))
     per = max(1, min(m_hi - m_lo, _STEP_ELEMS // (per_block * n_slot)))
     kp_all = key_padding.bool()[:, None, :].expand(B, H, N) if key_padding is not None else None
-    outs = []
+    # written in place (not a list of chunk results to concatenate): small live results between the
+    # freed step temporaries fragment glibc's heap, which then grows by ~1 GB at 32K tokens
+    out = torch.empty(B, H, m_hi - m_lo, block_m, Dv, dtype=cd, device=q.device)
     for c0 in range(m_lo, m_hi, per):  # chunks of query blocks, all heads at once
         ms = torch.arange(c0, min(c0 + per, m_hi), device=q.device)
         mc = ms.shape[0]
@@ -351,8 +353,8 @@ def sparse_attention_blocks(q, k, v, index: SparseIndex, m_lo: int, m_hi: int, *
             l_i = l_i * alpha + p.sum(-1)
             acc = acc * alpha[..., None] + torch.einsum("bhmrp,bhmpd->bhmrd", p, vg)
             m_i = m_new
-        outs.append(acc / torch.where(l_i == 0, 1.0, l_i)[..., None])  # a row with no key gives 0
-    out = torch.cat(outs, 2).view(B, H, n_rows, Dv)[:, :, : r_hi - r_lo]
+        out[:, :, c0 - m_lo : c0 - m_lo + mc] = acc / torch.where(l_i == 0, 1.0, l_i)[..., None]  # no key: 0
+    out = out.view(B, H, n_rows, Dv)[:, :, : r_hi - r_lo]
     return out.to(q.dtype).contiguous()
 
 

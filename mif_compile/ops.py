@@ -438,7 +438,7 @@ def layer_grads(grad, q, k, v, key_padding, scale, patterns, budget0, budget1, m
             dv += gv
     grads = [dq, dk.to(k.dtype), dv.to(v.dtype)]
     # a broadcast batch of 1 gets the sum over the batch
-    return tuple(g.sum(0, keepdim=True) if b == 1 and B > 1 else g for g, b in zip(grads, b_in))
+    return tuple((g.sum(0, keepdim=True) if b == 1 and B > 1 else g).contiguous() for g, b in zip(grads, b_in))
 
 
 def _autograd_on():
@@ -480,7 +480,7 @@ def sparse_attention_backward(
 
 @sparse_attention_backward.register_fake
 def _sparse_attention_backward_fake(grad, q, k, v, *args):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, like the real op's
 
 
 def _setup_context(ctx, inputs, output):
