@@ -16,7 +16,7 @@ from . import reference as _ref
 from .reference import BLOCK_N, SparseIndex
 
 _IMPLS = ("reference", "triton", "auto")
-_HEAD_DIMS = (16, 32, 64, 128)
+_MAX_HEAD_DIM = 256  # Triton: any head dim up to this (tiles are padded to the next power of two)
 
 
 def _resolve(impl: str, t: torch.Tensor) -> str:
@@ -55,14 +55,18 @@ def _check_qk(q, k, v=None, key_padding=None) -> None:
            f"unsupported dtype {q.dtype}")
     _check(N >= 1, f"sequence length must be >= 1, got {N}")
     if v is not None:
-        _check(v.shape == k.shape and v.dtype == k.dtype, f"v {tuple(v.shape)} {v.dtype} != k {tuple(k.shape)} {k.dtype}")
+        _check(v.dim() == 4 and v.shape[:3] == k.shape[:3] and v.dtype == k.dtype,
+               f"v must be [B, Hkv, N, Dv] like k {tuple(k.shape)} {k.dtype} (Dv may differ), got {tuple(v.shape)} {v.dtype}")
     if key_padding is not None:
         _check(key_padding.shape == (B, N) and key_padding.dtype == torch.bool,
                f"key_padding must be bool [B, N] = [{B}, {N}], got {key_padding.dtype} {tuple(key_padding.shape)}")
 
 
-def _check_triton(q) -> None:
-    _check(q.shape[-1] in _HEAD_DIMS, f"impl='triton' supports head_dim in {_HEAD_DIMS}, got {q.shape[-1]}")
+def _check_triton(q, v=None) -> None:
+    for name, t in (("head_dim", q), ("value head_dim", v)):
+        if t is not None:
+            _check(1 <= t.shape[-1] <= _MAX_HEAD_DIM,
+                   f"impl='triton' supports {name} 1..{_MAX_HEAD_DIM}, got {t.shape[-1]}")
     _check(q.dtype != torch.float64, "impl='triton' does not support float64; use impl='reference'")
 
 
@@ -192,7 +196,7 @@ def build_bs_index(blk, *, seq_len: int, block_m: int, block_n: int = BLOCK_N, c
 
 def sparse_attention(q, k, v, index: SparseIndex, *, scale: float, block_m: int, block_n: int = BLOCK_N,
                      key_padding=None, impl: str = "auto"):
-    """out [B, H, N, D] (dtype of q): causal attention over the keys kept by the index."""
+    """out [B, H, N, Dv] (dtype of q): causal attention over the keys kept by the index (v: [B, Hkv, N, Dv])."""
     if _validating():
         _check_qk(q, k, v, key_padding)
         _check_blocks(block_m, block_n)
@@ -206,7 +210,7 @@ def sparse_attention(q, k, v, index: SparseIndex, *, scale: float, block_m: int,
         _check(all(t.dtype == torch.int32 for t in index), "index tensors must be int32")
     if _resolve(impl, q) == "triton":
         if _validating():
-            _check_triton(q)
+            _check_triton(q, v)
         from .attention import sparse_attention as fn
 
         return fn(q, k, v, index, scale=scale, block_m=block_m, block_n=block_n, key_padding=key_padding)

@@ -7,6 +7,9 @@ and runs an exp2 online softmax (scale folded into the exponent) over three loop
      disjoint and ascending): causal mask and bounds mask;
   3. single columns, gathered BLOCK_N at a time (all < m0, so no causal mask).
 GQA is native: head h reads kv head h // (H // Hkv). Query blocks are launched longest first.
+q/k and v may have different head dims (MLA: 192 and 128); each is padded to a power of two
+(HEAD_DIM, HEAD_DIM_V, at least 16 for tl.dot) with masked loads, dropped when the dims are even.
+NaN/inf propagate as in dense attention: masked scores are replaced by -inf, never added to.
 Caveat: blocks are not 64-aligned (slash runs start anywhere), so K/V tiles are plain pointer
 loads, not TMA descriptors.
 """
@@ -35,6 +38,22 @@ def _online_update(acc, l_i, m_i, qk, v):
 
 
 @triton.jit
+def _load_2d(ptrs, ok0, ok1, MASK0: tl.constexpr, MASK1: tl.constexpr):
+    # tile load, 0 where masked; ok0 masks axis 0 and ok1 axis 1, each only when its flag is set
+    if MASK0:
+        if MASK1:
+            x = tl.load(ptrs, mask=ok0[:, None] & ok1[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=ok0[:, None], other=0.0)
+    else:
+        if MASK1:
+            x = tl.load(ptrs, mask=ok1[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
 def _sparse_attn_kernel(
     Q, K, V, Out, BC, BO, CC, CI, PAD,
     stride_qb, stride_qh, stride_qn,
@@ -42,7 +61,8 @@ def _sparse_attn_kernel(
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
     qk_scale, N, H, NM,
-    GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, CAP_S: tl.constexpr, CAP_V: tl.constexpr,
+    GROUPS: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    PAD_D: tl.constexpr, PAD_DV: tl.constexpr, CAP_S: tl.constexpr, CAP_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, HAS_PADDING: tl.constexpr,
 ):
     m = NM - 1 - tl.program_id(0)  # longest rows first
@@ -54,12 +74,16 @@ def _sparse_attn_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    d_ok = offs_d < D_QK
+    dv_ok = offs_dv < D_V
+    row_ok = offs_m < N
 
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
     if EVEN_M:
-        q = tl.load(q_ptrs)
+        q = _load_2d(q_ptrs, row_ok, d_ok, False, PAD_D)
     else:
-        q = tl.load(q_ptrs, mask=offs_m[:, None] < N, other=0.0)
+        q = _load_2d(q_ptrs, row_ok, d_ok, True, PAD_D)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     pad_base = PAD + b * N
@@ -72,15 +96,15 @@ def _sparse_attn_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_V], dtype=tl.float32)
 
     n_full = tl.maximum(n_blk - (BLOCK_M // BLOCK_N + 1), 0)
     # 1. off-band blocks: every key < N and <= every query of the block
     for i in range(0, n_full):
         start = tl.load(bo_ptr + i)
         cols = start + offs_n
-        k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None])
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :])
+        k = _load_2d(k_base + cols[None, :] * stride_kn + offs_d[:, None], d_ok, cols, PAD_D, False)
+        v = _load_2d(v_base + cols[:, None] * stride_vn + offs_dv[None, :], cols, dv_ok, False, PAD_DV)
         qk = tl.dot(q, k) * qk_scale
         if HAS_PADDING:
             real = tl.load(pad_base + cols)
@@ -91,8 +115,8 @@ def _sparse_attn_kernel(
         start = tl.load(bo_ptr + i)
         cols = start + offs_n
         in_n = cols < N
-        k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=in_n[None, :], other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=in_n[:, None], other=0.0)
+        k = _load_2d(k_base + cols[None, :] * stride_kn + offs_d[:, None], d_ok, in_n, PAD_D, True)
+        v = _load_2d(v_base + cols[:, None] * stride_vn + offs_dv[None, :], in_n, dv_ok, True, PAD_DV)
         qk = tl.dot(q, k) * qk_scale
         ok = (cols[None, :] <= offs_m[:, None]) & in_n[None, :]
         if HAS_PADDING:
@@ -104,8 +128,8 @@ def _sparse_attn_kernel(
     for c0 in range(0, n_col, BLOCK_N):
         live = (c0 + offs_n) < n_col
         cols = tl.load(ci_ptr + c0 + offs_n, mask=live, other=0)
-        k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=live[None, :], other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=live[:, None], other=0.0)
+        k = _load_2d(k_base + cols[None, :] * stride_kn + offs_d[:, None], d_ok, live, PAD_D, True)
+        v = _load_2d(v_base + cols[:, None] * stride_vn + offs_dv[None, :], live, dv_ok, True, PAD_DV)
         qk = tl.dot(q, k) * qk_scale
         ok = live
         if HAS_PADDING:
@@ -115,11 +139,18 @@ def _sparse_attn_kernel(
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
-    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
+    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_dv[None, :]
     if EVEN_M:
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty))
+        if PAD_DV:
+            tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=dv_ok[None, :])
+        else:
+            tl.store(o_ptrs, out.to(Out.dtype.element_ty))
     else:
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=offs_m[:, None] < N)
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
+
+
+def _pow2(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
 
 
 def default_config(block_m: int, head_dim: int) -> tuple[int, int]:
@@ -131,16 +162,18 @@ def default_config(block_m: int, head_dim: int) -> tuple[int, int]:
 
 def sparse_attention(q, k, v, index, *, scale, block_m, block_n=64, key_padding=None,
                      num_warps=None, num_stages=None):
-    """Launcher; inputs are validated by mif_compile.kernels.api. Returns out [B, H, N, D]."""
+    """Launcher; inputs are validated by mif_compile.kernels.api. Returns out [B, H, N, Dv]."""
     B, H, N, D = q.shape
+    Dv = v.shape[-1]
     groups = H // k.shape[1]
     NM = math.ceil(N / block_m)
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     bc, bo, cc, ci = (t.contiguous() for t in index)
-    out = torch.empty(B, H, N, D, dtype=q.dtype, device=q.device)
+    out = torch.empty(B, H, N, Dv, dtype=q.dtype, device=q.device)
     pad = key_padding.to(torch.int8).contiguous() if key_padding is not None else bc
-    w, s = default_config(block_m, D)
+    hd, hdv = _pow2(D), _pow2(Dv)
+    w, s = default_config(block_m, max(hd, hdv))
     grid = (NM, B * H)
     _sparse_attn_kernel[grid](
         q, k, v, out, bc, bo, cc, ci, pad,
@@ -149,7 +182,7 @@ def sparse_attention(q, k, v, index, *, scale, block_m, block_n=64, key_padding=
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         scale * _LOG2E, N, H, NM,
-        GROUPS=groups, HEAD_DIM=D, CAP_S=bo.shape[-1], CAP_V=ci.shape[-1],
+        GROUPS=groups, D_QK=D, D_V=Dv, HEAD_DIM=hd, HEAD_DIM_V=hdv, PAD_D=hd != D, PAD_DV=hdv != Dv, CAP_S=bo.shape[-1], CAP_V=ci.shape[-1],
         BLOCK_M=block_m, BLOCK_N=block_n, EVEN_M=(N % block_m == 0), HAS_PADDING=key_padding is not None,
         num_warps=num_warps or w, num_stages=num_stages or s,
     )

@@ -9,6 +9,7 @@ query heads of one GQA group read the same K tile while it is in L2:
           probabilities of the KW = next_pow2(BQ + 64) keys that end at N - 64 t, sums the
           last 64 columns, and skews the tile with tl.gather so each diagonal is a column sum:
           no atomics, every output written exactly once.
+Head dims that are not a power of two (MLA's 192) are padded to one (at least 16) with masked loads.
 Caveat: pass 2 computes QK^T for KW keys per 64 outputs, so K is read about three times in all.
 """
 
@@ -25,10 +26,11 @@ _TILE_O = 64
 
 
 @triton.jit
-def _scores(q, K, kk, rows, ql_rows_ok, N, PAD, b, stride_kn, offs_d, qk_scale, HAS_PADDING: tl.constexpr):
+def _scores(q, K, kk, rows, ql_rows_ok, N, PAD, b, stride_kn, offs_d, qk_scale, D_QK, HAS_PADDING: tl.constexpr):
     # scores of the query tile against keys kk (log2 domain); -inf where a key is not visible
     kin = (kk >= 0) & (kk < N)
-    k = tl.load(K + kk[None, :] * stride_kn + offs_d[:, None], mask=kin[None, :], other=0.0)
+    k = tl.load(K + kk[None, :] * stride_kn + offs_d[:, None], mask=kin[None, :] & (offs_d[:, None] < D_QK),
+                other=0.0)
     s = tl.dot(q, k) * qk_scale
     ok = kin[None, :] & (kk[None, :] <= rows[:, None]) & ql_rows_ok[:, None]
     if HAS_PADDING:
@@ -38,7 +40,7 @@ def _scores(q, K, kk, rows, ql_rows_ok, N, PAD, b, stride_kn, offs_d, qk_scale, 
 
 
 @triton.jit
-def _last_queries(Q, K, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, N, QL, H,
+def _last_queries(Q, K, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, N, QL, H, D_QK,
                   GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BQ: tl.constexpr):
     # program (batch * head) -> its batch, the tile of the last QL queries, and its K head's base
     bh = tl.program_id(0)
@@ -49,7 +51,7 @@ def _last_queries(Q, K, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, N
     rok = r < QL
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :],
-                mask=rok[:, None], other=0.0)
+                mask=rok[:, None] & (offs_d[None, :] < D_QK), other=0.0)
     Kb = K + b * stride_kb + (h // GROUPS) * stride_kh
     return bh, b, r, rows, rok, offs_d, q, Kb
 
@@ -59,18 +61,18 @@ def _row_stats_kernel(
     Q, K, PAD, Mx, Lx,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     qk_scale, N, QL, H, keys_per_split,
-    GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+    D_QK: tl.constexpr, GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
     SPLIT: tl.constexpr, HAS_PADDING: tl.constexpr,
 ):
     sp = tl.program_id(1)
     bh, b, r, rows, rok, offs_d, q, Kb = _last_queries(
-        Q, K, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, N, QL, H, GROUPS, HEAD_DIM, BQ)
+        Q, K, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, N, QL, H, D_QK, GROUPS, HEAD_DIM, BQ)
     m_i = tl.full([BQ], float("-inf"), tl.float32)
     l_i = tl.zeros([BQ], tl.float32)
     k_lo = sp * keys_per_split
     k_hi = tl.minimum(k_lo + keys_per_split, N)
     for k0 in range(k_lo, k_hi, BK):
-        s = _scores(q, Kb, k0 + tl.arange(0, BK), rows, rok, N, PAD, b, stride_kn, offs_d, qk_scale, HAS_PADDING)
+        s = _scores(q, Kb, k0 + tl.arange(0, BK), rows, rok, N, PAD, b, stride_kn, offs_d, qk_scale, D_QK, HAS_PADDING)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_i = l_i * tl.math.exp2(m_i - m_use) + tl.sum(tl.math.exp2(s - m_use[:, None]), 1)
@@ -85,12 +87,12 @@ def _col_diag_kernel(
     Q, K, PAD, Mx, Lx, Col, Diag,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     qk_scale, N, QL, H,
-    GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BQ: tl.constexpr, KW: tl.constexpr,
+    D_QK: tl.constexpr, GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BQ: tl.constexpr, KW: tl.constexpr,
     TILE_O: tl.constexpr, SPLIT: tl.constexpr, HAS_PADDING: tl.constexpr,
 ):
     t = tl.program_id(1)
     bh, b, r, rows, rok, offs_d, q, Kb = _last_queries(
-        Q, K, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, N, QL, H, GROUPS, HEAD_DIM, BQ)
+        Q, K, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, N, QL, H, D_QK, GROUPS, HEAD_DIM, BQ)
     # combine the row statistics of the splits
     sp = tl.arange(0, SPLIT)
     st = (bh * SPLIT + sp[:, None]) * BQ + r[None, :]
@@ -104,7 +106,7 @@ def _col_diag_kernel(
     o0 = t * TILE_O
     c = tl.arange(0, KW)
     kk = N - o0 - KW + c
-    s = _scores(q, Kb, kk, rows, rok, N, PAD, b, stride_kn, offs_d, qk_scale, HAS_PADDING)
+    s = _scores(q, Kb, kk, rows, rok, N, PAD, b, stride_kn, offs_d, qk_scale, D_QK, HAS_PADDING)
     p = tl.math.exp2(s - m_use[:, None]) * inv_l[:, None]  # [BQ, KW]; masked entries are 0
     # columns: the last TILE_O keys of the tile
     csum = tl.sum(p, 0)
@@ -143,12 +145,12 @@ def vertical_slash_scores(q, k, *, last_q, scale, key_padding=None, num_warps=4)
     qk_scale = scale * _LOG2E
     _row_stats_kernel[(B * H, split)](
         q, k, pad, mx, lx, *strides, qk_scale, N, ql, H, keys_per_split,
-        GROUPS=groups, HEAD_DIM=D, BQ=BQ, BK=BK, SPLIT=split, HAS_PADDING=key_padding is not None,
+        D_QK=D, GROUPS=groups, HEAD_DIM=max(16, triton.next_power_of_2(D)), BQ=BQ, BK=BK, SPLIT=split, HAS_PADDING=key_padding is not None,
         num_warps=num_warps,
     )
     _col_diag_kernel[(B * H, math.ceil(N / _TILE_O))](
         q, k, pad, mx, lx, col, diag, *strides, qk_scale, N, ql, H,
-        GROUPS=groups, HEAD_DIM=D, BQ=BQ, KW=KW, TILE_O=_TILE_O, SPLIT=split,
+        D_QK=D, GROUPS=groups, HEAD_DIM=max(16, triton.next_power_of_2(D)), BQ=BQ, KW=KW, TILE_O=_TILE_O, SPLIT=split,
         HAS_PADDING=key_padding is not None, num_warps=num_warps,
     )
     return col, diag

@@ -16,6 +16,7 @@ import torch
 
 BLOCK_N = 64
 _BIG = 1 << 30
+_STEP_ELEMS = 1 << 22  # elements of the largest temporary per step (scores, probabilities): bounded memory
 
 
 class SparseIndex(NamedTuple):
@@ -58,26 +59,37 @@ def _expand_kv(k: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 def vertical_slash_scores(q, k, *, last_q: int, scale: float, key_padding=None):
-    """col[b, h, j] and diag[b, h, o] (fp32 [B, H, N]) from the softmax of the last queries."""
+    """col[b, h, j] and diag[b, h, o] (fp32 [B, H, N]) from the softmax of the last queries.
+
+    Heads go a few at a time, so at most about ``_STEP_ELEMS`` probabilities are held.
+    """
     B, H, N, _ = q.shape
     ql = min(last_q, N)
     cd = _compute_dtype(q)
     rows = torch.arange(N - ql, N, device=q.device)
     keys = torch.arange(N, device=q.device)
-    kx = _expand_kv(k, H).to(cd)
-    s = torch.einsum("bhrd,bhnd->bhrn", q[:, :, N - ql :].to(cd), kx) * scale  # [B, H, ql, N]
     valid = (keys[None, :] <= rows[:, None])[None, None]  # [1, 1, ql, N]
     if key_padding is not None:
         valid = valid & key_padding[:, None, None, :].bool()
-    s = s.masked_fill(~valid, float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # a row with no valid key contributes 0
-    col = p.sum(dim=2)
-    # diag[o] = sum_r p[r, row_r - o]
     idx = rows[:, None] - keys[None, :]  # [ql, N]: key of offset o for row r
     ok = idx >= 0
-    g = torch.gather(p, 3, idx.clamp(min=0).expand(B, H, ql, N)) * ok
-    diag = g.sum(dim=2)
-    return col.float(), diag.float()
+    idx = idx.clamp(min=0)
+    groups = H // k.shape[1]
+    step = max(1, _STEP_ELEMS // (B * ql * N))
+    col = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
+    diag = torch.empty_like(col)
+    for h0 in range(0, H, step):
+        h1 = min(H, h0 + step)
+        heads = torch.arange(h0, h1, device=q.device) // groups
+        kx = k[:, heads].to(cd)
+        s = torch.einsum("bhrd,bhnd->bhrn", q[:, h0:h1, N - ql :].to(cd), kx) * scale  # [B, h, ql, N]
+        s = s.masked_fill(~valid, float("-inf"))
+        p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # a row with no valid key contributes 0
+        col[:, h0:h1] = p.sum(dim=2)
+        # diag[o] = sum_r p[r, row_r - o]
+        g = torch.gather(p, 3, idx.expand(B, h1 - h0, ql, N)) * ok
+        diag[:, h0:h1] = g.sum(dim=2)
+    return col, diag
 
 
 def vertical_slash_topk(col, diag, v_count, s_count, *, n_force_v: int = 30, n_force_s: int = 100,
@@ -125,7 +137,7 @@ def _pool(x, key_padding, n_blocks: int):
     return sums / ws.clamp(min=1)[:, None, :, None], ws > 0
 
 
-def block_sparse_topk(q, k, top_k, *, key_padding=None, k_max: int | None = None, chunk: int = 1024):
+def block_sparse_topk(q, k, top_k, *, key_padding=None, k_max: int | None = None, chunk: int | None = None):
     """Top-k key blocks (64 tokens) per 64-query block; int32 [B, H, NB, Kmax], -1 unused."""
     B, H, N, _ = q.shape
     NB = math.ceil(N / BLOCK_N)
@@ -135,6 +147,7 @@ def block_sparse_topk(q, k, top_k, *, key_padding=None, k_max: int | None = None
     kp, kreal = _pool(_expand_kv(k, H), key_padding, NB)
     out = torch.empty(B, H, NB, kmax, dtype=torch.int32, device=q.device)
     kb = torch.arange(NB, device=q.device)
+    chunk = chunk or max(1, _STEP_ELEMS // (B * H * NB))
     for c0 in range(0, NB, chunk):  # bounded memory: [B, H, chunk, NB]
         qb = torch.arange(c0, min(c0 + chunk, NB), device=q.device)
         s = qp[:, :, qb] @ kp.transpose(-1, -2)
@@ -276,34 +289,73 @@ def _kept_keys(index: SparseIndex, ms: torch.Tensor, seq_len: int, block_n: int)
 
 
 def sparse_attention(q, k, v, index: SparseIndex, *, scale: float, block_m: int, block_n: int = BLOCK_N,
-                     key_padding=None, chunk_rows: int = 4096):
-    """out[b, h, i] = softmax over K(i) of scale * q_i . k_j, times v; empty rows give 0."""
-    B, H, N, D = q.shape
+                     key_padding=None):
+    """out[b, h, i] = softmax over K(i) of scale * q_i . k_j, times v; empty rows give 0.
+
+    q, k: [B, H(kv), N, D]; v: [B, Hkv, N, Dv] -> out [B, H, N, Dv]. NaN/inf propagate as in dense
+    attention: a NaN in q_i or in a key of K(i) makes row i NaN; keys outside K(i) never reach it.
+    """
+    NM = math.ceil(q.shape[2] / block_m)
+    return sparse_attention_blocks(q, k, v, index, 0, NM, scale=scale, block_m=block_m, block_n=block_n,
+                                   key_padding=key_padding)
+
+
+def sparse_attention_blocks(q, k, v, index: SparseIndex, m_lo: int, m_hi: int, *, scale: float, block_m: int,
+                            block_n: int = BLOCK_N, key_padding=None):
+    """Rows [m_lo * BLOCK_M, min(m_hi * BLOCK_M, N)) of :func:`sparse_attention` (differentiable in q, k, v).
+
+    ``q`` holds all N rows or only those rows. Memory: the scores of at most ``_STEP_ELEMS`` (query,
+    slot) pairs at a time, whatever the index's capacity: the kept keys of a chunk of query blocks are
+    visited a slice of slots at a time with an online softmax (max, sum, weighted values in fp32).
+    """
+    B, H, N = q.shape[0], q.shape[1], k.shape[2]
+    D, Dv = q.shape[-1], v.shape[-1]
     cd = _compute_dtype(q)
-    NM = math.ceil(N / block_m)
+    r_lo, r_hi = m_lo * block_m, min(m_hi * block_m, N)
+    if q.shape[2] == N and (r_lo, r_hi) != (0, N):
+        q = q[:, :, r_lo:r_hi]
     kx, vx = _expand_kv(k, H).to(cd), _expand_kv(v, H).to(cd)
-    out = torch.zeros(B, H, NM * block_m, D, dtype=cd, device=q.device)
-    qpad = torch.nn.functional.pad(q.to(cd), (0, 0, 0, NM * block_m - N))
-    per = max(1, chunk_rows // block_m)
-    for c0 in range(0, NM, per):  # chunks of query blocks, all heads at once
-        ms = torch.arange(c0, min(c0 + per, NM), device=q.device)
+    n_rows = (m_hi - m_lo) * block_m
+    qpad = torch.nn.functional.pad(q.to(cd), (0, 0, 0, n_rows - (r_hi - r_lo))).view(B, H, m_hi - m_lo, block_m, D)
+    cap = index.block_offset.shape[-1] * block_n + index.column_index.shape[-1]
+    per_block = B * H * block_m
+    n_slot = max(1, min(cap, _STEP_ELEMS // per_block))
+    per = max(1, min(m_hi - m_lo, _STEP_ELEMS // (per_block * n_slot)))
+    kp_all = key_padding.bool()[:, None, :].expand(B, H, N) if key_padding is not None else None
+    # written in place (not a list of chunk results to concatenate): small live results between the
+    # freed step temporaries fragment glibc's heap, which then grows by ~1 GB at 32K tokens
+    out = torch.empty(B, H, m_hi - m_lo, block_m, Dv, dtype=cd, device=q.device)
+    for c0 in range(m_lo, m_hi, per):  # chunks of query blocks, all heads at once
+        ms = torch.arange(c0, min(c0 + per, m_hi), device=q.device)
+        mc = ms.shape[0]
         pos, ok = _kept_keys(index, ms, N, block_n)  # [B, H, mc, P]
-        mc, P = pos.shape[2], pos.shape[3]
-        kg = torch.gather(kx, 2, pos.view(B, H, mc * P, 1).expand(-1, -1, -1, D)).view(B, H, mc, P, D)
-        vg = torch.gather(vx, 2, pos.view(B, H, mc * P, 1).expand(-1, -1, -1, D)).view(B, H, mc, P, D)
-        qb = qpad.view(B, H, NM, block_m, D)[:, :, ms]
-        s = torch.einsum("bhmrd,bhmpd->bhmrp", qb, kg) * scale
+        qb = qpad[:, :, c0 - m_lo : c0 - m_lo + mc]  # [B, H, mc, BM, D]
         rows = ms[:, None] * block_m + torch.arange(block_m, device=q.device)  # [mc, BM]
-        mask = ok[:, :, :, None, :] & (pos[:, :, :, None, :] <= rows[None, None, :, :, None])
-        if key_padding is not None:
-            kp = torch.gather(key_padding.bool()[:, None, :].expand(B, H, N), 2, pos.view(B, H, mc * P))
-            mask = mask & kp.view(B, H, mc, 1, P)
-        # duplicated key positions (never produced by the builders) would count twice: like the kernel
-        s = s.masked_fill(~mask, float("-inf"))
-        p = torch.softmax(s, dim=-1).nan_to_num(0.0)
-        o = torch.einsum("bhmrp,bhmpd->bhmrd", p, vg)
-        out.view(B, H, NM, block_m, D)[:, :, ms] = o
-    return out[:, :, :N].to(q.dtype).contiguous()
+        m_i = torch.full((B, H, mc, block_m), float("-inf"), dtype=cd, device=q.device)
+        l_i = torch.zeros_like(m_i)
+        acc = torch.zeros(B, H, mc, block_m, Dv, dtype=cd, device=q.device)
+        for p0 in range(0, pos.shape[-1], n_slot):
+            ps, oks = pos[..., p0 : p0 + n_slot], ok[..., p0 : p0 + n_slot]
+            P = ps.shape[-1]
+            flat = ps.reshape(B, H, mc * P, 1)
+            kg = torch.gather(kx, 2, flat.expand(-1, -1, -1, D)).view(B, H, mc, P, D)
+            vg = torch.gather(vx, 2, flat.expand(-1, -1, -1, Dv)).view(B, H, mc, P, Dv)
+            s = torch.einsum("bhmrd,bhmpd->bhmrp", qb, kg) * scale
+            mask = oks[:, :, :, None, :] & (ps[:, :, :, None, :] <= rows[None, None, :, :, None])
+            if kp_all is not None:
+                mask = mask & torch.gather(kp_all, 2, flat[..., 0]).view(B, H, mc, 1, P)
+            # duplicated key positions (never produced by the builders) would count twice: like the kernel
+            s = s.masked_fill(~mask, float("-inf"))
+            m_new = torch.maximum(m_i, s.amax(-1))  # NaN scores make the row max NaN: the row stays NaN
+            m_use = torch.where(m_new == float("-inf"), 0.0, m_new)
+            p = torch.exp(s - m_use[..., None])
+            alpha = torch.exp(m_i - m_use)
+            l_i = l_i * alpha + p.sum(-1)
+            acc = acc * alpha[..., None] + torch.einsum("bhmrp,bhmpd->bhmrd", p, vg)
+            m_i = m_new
+        out[:, :, c0 - m_lo : c0 - m_lo + mc] = acc / torch.where(l_i == 0, 1.0, l_i)[..., None]  # no key: 0
+    out = out.view(B, H, n_rows, Dv)[:, :, : r_hi - r_lo]
+    return out.to(q.dtype).contiguous()
 
 
 def index_to_dense_mask(index: SparseIndex, seq_len: int, block_m: int, block_n: int = BLOCK_N):

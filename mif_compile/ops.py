@@ -27,7 +27,9 @@ import torch.nn.functional as F
 from . import report as _report
 from .config import PATTERN_FROM_CODE, HeadPattern, Pattern, clamp_budget
 
-__all__ = ["sparse_attention", "dense_attention", "run_layer", "encode_heads", "encode_mass", "build_layer_index", "kept_density", "collect_stats", "BLOCK_N"]
+__all__ = ["sparse_attention", "sparse_attention_backward", "dense_attention", "run_layer", "layer_grads",
+           "sparse_index", "broadcast_batch", "encode_heads", "encode_mass", "build_layer_index", "kept_density",
+           "collect_stats", "BLOCK_N"]
 
 BLOCK_N = 64  # key granularity of every pattern (contract: docs/kernel-contract.md)
 
@@ -51,19 +53,56 @@ def encode_mass(heads: Sequence[HeadPattern]) -> list[float]:
 _MASS_SCALE = 1 << 24  # mass targets travel in the int64 plan buffer as fixed point
 
 
+# Elements of the (B, 1, rows, keys) mask of one chunk of the padded dense path: its memory is
+# O(B * rows * N), never the (B, 1, N, N) mask (16 GiB per sequence at 128K).
+_DENSE_MASK_ELEMS = 1 << 23
+# A chunk's keys end at a multiple of this past its last row: PyTorch's CPU flash kernel visits keys
+# in splits of 512, and a fully masked split adds exact zeros, so each row is bit for bit what the
+# full-mask call gives (tested); GPU kernels agree to rounding.
+_KEY_ALIGN = 512
+
+
+def dense_chunks(batch: int, n: int) -> list[tuple[int, int, int]]:
+    """(r0, r1, key_end) of the padded dense path's chunks: rows [r0, r1), multiples of 256, with
+    about ``_DENSE_MASK_ELEMS`` mask elements each, attending keys [0, key_end)."""
+    rows = max(256, (_DENSE_MASK_ELEMS // max(1, batch * n)) // 256 * 256)
+    out = []
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        out.append((r0, r1, min(n, -(-r1 // _KEY_ALIGN) * _KEY_ALIGN)))
+    return out
+
+
+def dense_rows(q, k, v, key_padding: torch.Tensor, scale: float, r0: int, r1: int, key_end: int) -> torch.Tensor:
+    """Rows [r0, r1) of causal SDPA under ``key_padding`` (q holds all rows or only these): one SDPA
+    call over keys [0, key_end) with a (B, 1, r1 - r0, key_end) mask. Differentiable."""
+    if q.shape[2] != r1 - r0:
+        q = q[:, :, r0:r1]
+    rows = torch.arange(r0, r1, device=q.device)
+    keys = torch.arange(key_end, device=q.device)
+    mask = (keys[None, :] <= rows[:, None])[None, None] & key_padding[:, None, None, :key_end].to(torch.bool)
+    return F.scaled_dot_product_attention(q, k[:, :, :key_end], v[:, :, :key_end], attn_mask=mask, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
 def dense_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding: Optional[torch.Tensor], scale: float
 ) -> torch.Tensor:
-    """Causal SDPA, the computation the pass replaced (with a (B, L) padding mask if given)."""
+    """Causal SDPA, the computation the pass replaced (with a (B, L) padding mask if given).
+
+    q, k: [B, H(kv), N, D]; v: [B, Hkv, N, Dv] -> [B, H, N, Dv]. With padding, queries go in chunks of
+    rows (:func:`dense_chunks`) that see only the keys up to their last row, so no N x N tensor is
+    built; each row's result is SDPA's under the full (B, 1, N, N) mask (the keys a chunk leaves out
+    are masked for all its rows), rows with no real key included.
+    """
     gqa = q.shape[1] != k.shape[1]
     if key_padding is None:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    else:
-        n = q.shape[2]
-        causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
-        mask = causal[None, None] & key_padding[:, None, None, :].to(torch.bool)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
-    return out.contiguous()
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa).contiguous()
+    B, H, N, _ = q.shape
+    out = q.new_empty(B, H, N, v.shape[-1])
+    for r0, r1, key_end in dense_chunks(B, N):
+        out[:, :, r0:r1] = dense_rows(q, k, v, key_padding, scale, r0, r1, key_end)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,44 +244,23 @@ def run_layer(
     mass: Optional[Sequence[float]] = None,
     site: int = -1,
 ) -> torch.Tensor:
-    """One attention layer of a causal prefill. q: [B, H, N, D]; k, v: [B, Hkv, N, D] -> [B, H, N, D].
+    """One attention layer of a causal prefill. q, k: [B, H(kv), N, D]; v: [B, Hkv, N, Dv] -> [B, H, N, Dv].
 
     Dense SDPA below ``min_seq_len``, on CPU with ``impl="auto"`` (the CPU sparse path is the
     pure-PyTorch reference, slower than dense; ``impl="reference"`` asks for it), and when the
-    estimated index keeps more than ``max_density`` of the causal pairs. ``mass``: per-head targets of
-    the adaptive index (0 or None: fixed budgets). ``site`` (the backend's site id) is where the
-    choice is recorded for the report (:func:`mif_compile.report.record_run`).
+    estimated index keeps more than ``max_density`` of the causal pairs (see :func:`sparse_index`).
+    ``mass``: per-head targets of the adaptive index (0 or None: fixed budgets). ``site`` (the
+    backend's site id) is where the choice is recorded for the report
+    (:func:`mif_compile.report.record_run`).
     """
     q, k, v, key_padding, patterns, budget0, budget1, mass, top_left = _run_time_guard(
         q, k, v, key_padding, patterns, budget0, budget1, mass)
     if top_left:
         return _top_left_causal(q, k, v, key_padding, scale)
-    n = q.shape[2]
-    if n < max(min_seq_len, 2):
-        _record_run(site, n, _report.SHORT, f"N={n} < min_seq_len {min_seq_len}")
+    index = sparse_index(q, k, key_padding, scale, patterns, budget0, budget1, min_seq_len, last_q, block_m, impl,
+                         max_density, mass, site=site)
+    if index is None:
         return dense_attention(q, k, v, key_padding, scale)
-    if all(c == Pattern.DENSE.code for c in patterns):
-        _record_run(site, n, _report.PLAN_DENSE)
-        return dense_attention(q, k, v, key_padding, scale)
-    if impl == "auto" and q.device.type == "cpu":
-        _note_cpu_auto()
-        _record_run(site, n, _report.CPU_AUTO)
-        return dense_attention(q, k, v, key_padding, scale)
-    index = build_layer_index(q, k, key_padding, scale, patterns, budget0, budget1, last_q, block_m, impl,
-                              mass=mass)
-    check = max_density < 1.0
-    density = None
-    if (check or _STATS is not None) and not _capturing(q):
-        # one tiny device->host read per layer (never while a CUDA graph is captured): when the
-        # estimated index keeps most causal pairs (e.g. scattered slashes on unstructured attention),
-        # dense SDPA is the faster kernel
-        density = float(kept_density(index, n, block_m))
-        fall_back = check and density > max_density
-        _record_stat(n, density, fall_back)
-        if fall_back:
-            _record_run(site, n, _report.DENSITY, f"kept density {density:.3f} > max_density {max_density}", density)
-            return dense_attention(q, k, v, key_padding, scale)
-    _record_run(site, n, None, density=density)
     from . import kernels as K
 
     out = K.sparse_attention(
@@ -303,6 +321,44 @@ def _note_cpu_auto() -> None:
         _CPU_NOTED = True
         _report.log.info("CPU tensors with impl='auto': the op runs dense SDPA (the sparse path on CPU is the "
                          "pure-PyTorch reference, slower than dense); impl='reference' runs the reference")
+
+
+def sparse_index(q, k, key_padding, scale, patterns, budget0, budget1, min_seq_len, last_q=64, block_m=128,
+                 impl="auto", max_density=1.0, mass=None, *, site: int = -1, record: bool = True):
+    """The layer's sparse index, or None when :func:`run_layer` runs dense SDPA: below
+    ``min_seq_len``, an all-dense plan, CPU tensors with ``impl="auto"``, or an estimated density above
+    ``max_density``. The same inputs give the same answer, so the backward recomputes it (with
+    ``record=False``: nothing reported) instead of keeping the index."""
+    rec = _record_run if record else (lambda *a, **kw: None)
+    n = q.shape[2]
+    if n < max(min_seq_len, 2):
+        rec(site, n, _report.SHORT, f"N={n} < min_seq_len {min_seq_len}")
+        return None
+    if all(c == Pattern.DENSE.code for c in patterns):
+        rec(site, n, _report.PLAN_DENSE)
+        return None
+    if impl == "auto" and q.device.type == "cpu":
+        if record:
+            _note_cpu_auto()
+        rec(site, n, _report.CPU_AUTO)
+        return None
+    index = build_layer_index(q, k, key_padding, scale, patterns, budget0, budget1, last_q, block_m, impl,
+                              mass=mass)
+    check = max_density < 1.0
+    density = None
+    if (check or (record and _STATS is not None)) and not _capturing(q):
+        # one tiny device->host read per layer (never while a CUDA graph is captured): when the
+        # estimated index keeps most causal pairs (e.g. scattered slashes on unstructured attention),
+        # dense SDPA is the faster kernel
+        density = float(kept_density(index, n, block_m))
+        fall_back = check and density > max_density
+        if record:
+            _record_stat(n, density, fall_back)
+        if fall_back:
+            rec(site, n, _report.DENSITY, f"kept density {density:.3f} > max_density {max_density}", density)
+            return None
+    rec(site, n, None, density=density)
+    return index
 
 
 def build_layer_index(
@@ -398,6 +454,21 @@ class collect_stats:
         _STATS = self._prev
 
 
+def broadcast_batch(q, k, v, key_padding):
+    """Expand a batch of 1 in q, k, v or key_padding to the others' batch, as SDPA broadcasts it
+    (views, no copy); batch sizes that do not broadcast raise a ValueError naming them."""
+    ts = [q, k, v] + ([key_padding] if key_padding is not None else [])
+    sizes = [t.shape[0] for t in ts]
+    b = max(sizes)
+    if all(x == b for x in sizes):
+        return q, k, v, key_padding
+    if any(x not in (1, b) for x in sizes):
+        names = ["q", "k", "v", "key_padding"]
+        raise ValueError("batch sizes do not broadcast: " + ", ".join(f"{n} {x}" for n, x in zip(names, sizes)))
+    q, k, v, *kp = (t.expand(b, *t.shape[1:]) for t in ts)
+    return q, k, v, (kp[0] if kp else None)
+
+
 @torch.library.custom_op("mif::sparse_attention", mutates_args=())
 def sparse_attention(
     q: torch.Tensor,
@@ -417,12 +488,147 @@ def sparse_attention(
     site: int = -1,
 ) -> torch.Tensor:
     """Causal prefill attention of one layer with a per-head MInference plan (see :func:`run_layer`);
-    ``mass``: per-head targets of the adaptive index (0.0 or None: fixed budgets)."""
+    ``mass``: per-head targets of the adaptive index (0.0 or None: fixed budgets).
+
+    q, k: [B, H(kv), N, D]; v: [B, Hkv, N, Dv] -> [B, H, N, Dv]; a batch of 1 broadcasts as in SDPA.
+    Differentiable (see :func:`layer_grads`)."""
+    q, k, v, key_padding = broadcast_batch(q, k, v, key_padding)
     return run_layer(q, k, v, key_padding, scale, patterns, budget0, budget1, min_seq_len, last_q, block_m, impl,
                      max_density, mass, site)
+
+
+def _out_batch(q, k, v):
+    # batch 1 is static under Dynamo (0/1 specialisation), so these tests never guard on a symbol
+    return next((t.shape[0] for t in (q, k, v) if t.shape[0] != 1), 1)
 
 
 @sparse_attention.register_fake
 def _sparse_attention_fake(q, k, v, key_padding, scale, patterns, budget0, budget1, min_seq_len, last_q, block_m, impl,
                            max_density, mass=None, site=-1):
-    return q.new_empty(q.shape)  # contiguous, like the real op's output
+    # contiguous, like the real op's output
+    return q.new_empty(_out_batch(q, k, v), q.shape[1], q.shape[2], v.shape[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# backward
+
+
+_GRAD_ROWS = 4096  # query rows per recomputation chunk of the sparse backward
+
+
+def layer_grads(grad, q, k, v, key_padding, scale, patterns, budget0, budget1, min_seq_len, last_q=64,
+                block_m=128, impl="auto", max_density=1.0, mass=None):
+    """(dq, dk, dv) of :func:`run_layer`'s output for the output gradient ``grad``.
+
+    Recomputes what the forward computed, through differentiable PyTorch, a chunk of query rows at
+    a time (rows are independent given q, k, v), so memory stays that of one chunk: dense SDPA when
+    the forward ran dense (its own backward without padding; the padded path's chunks with padding),
+    else the pure-PyTorch sparse attention over the same index (:func:`sparse_index` rebuilds it from
+    the same q and k; the Triton forward computes the same function).
+    Caveat: under CUDA-graph capture the forward skips the ``max_density`` check; a backward outside
+    the capture makes it, and would differentiate dense SDPA for a layer that ran sparse.
+    """
+    from .kernels import reference as R
+
+    b_in = (q.shape[0], k.shape[0], v.shape[0])
+    q, k, v, key_padding = broadcast_batch(q, k, v, key_padding)
+    # the forward's own run-time choices, made again on the same inputs
+    q, k, v, key_padding, patterns, budget0, budget1, mass, top_left = _run_time_guard(
+        q, k, v, key_padding, patterns, budget0, budget1, mass)
+    B, H, N, _ = q.shape
+    index = None
+    if not top_left:
+        with torch.no_grad():
+            index = sparse_index(q, k, key_padding, scale, patterns, budget0, budget1, min_seq_len, last_q, block_m,
+                                 impl, max_density, mass, record=False)
+    if top_left:
+        chunks = [(0, N, lambda qc, kl, vl: _top_left_causal(qc, kl, vl, key_padding, scale))]
+    elif index is None and key_padding is None:
+        chunks = [(0, N, lambda qc, kl, vl: F.scaled_dot_product_attention(
+            qc, kl, vl, is_causal=True, scale=scale, enable_gqa=H != kl.shape[1]))]
+    elif index is None:
+        chunks = [(r0, r1, functools.partial(_dense_chunk, r0=r0, r1=r1, key_end=ke, kp=key_padding, scale=scale))
+                  for r0, r1, ke in dense_chunks(B, N)]
+    else:
+        per = max(1, _GRAD_ROWS // block_m)
+        nm = math.ceil(N / block_m)
+        chunks = [(m * block_m, min(N, (m + per) * block_m),
+                   functools.partial(R.sparse_attention_blocks, index=index, m_lo=m, m_hi=min(nm, m + per),
+                                     scale=scale, block_m=block_m, block_n=BLOCK_N, key_padding=key_padding))
+                  for m in range(0, nm, per)]
+    kl, vl = k.detach().requires_grad_(), v.detach().requires_grad_()
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.zeros(k.shape, dtype=torch.float32 if k.dtype != torch.float64 else k.dtype, device=k.device)
+    dv = torch.zeros(v.shape, dtype=dk.dtype, device=v.device)
+    for r0, r1, fn in chunks:
+        qc = q[:, :, r0:r1].detach().requires_grad_()
+        with _autograd_on(), torch.enable_grad():
+            out = fn(qc, kl, vl)
+            gq, gk, gv = torch.autograd.grad(out, (qc, kl, vl), grad[:, :, r0:r1], allow_unused=True)
+        dq[:, :, r0:r1] = gq if gq is not None else 0
+        if gk is not None:
+            dk += gk
+        if gv is not None:
+            dv += gv
+    grads = [dq, dk.to(k.dtype), dv.to(v.dtype)]
+    # a broadcast batch of 1 gets the sum over the batch
+    return tuple((g.sum(0, keepdim=True) if b == 1 and B > 1 else g).contiguous() for g, b in zip(grads, b_in))
+
+
+def _autograd_on():
+    """Re-enable autograd dispatch inside a custom op's implementation, which runs below the
+    Autograd key (``_AutoDispatchBelowAutograd``): the backward differentiates its recomputation
+    with torch.autograd. A no-op outside an op."""
+    C = torch._C
+    exclude = C._dispatch_tls_local_exclude_set()
+    exclude = exclude.remove(C.DispatchKey.AutogradFunctionality).remove(C.DispatchKey.ADInplaceOrView)
+    return C._ForceDispatchKeyGuard(C._dispatch_tls_local_include_set(), exclude)
+
+
+def _dense_chunk(qc, kl, vl, *, r0, r1, key_end, kp, scale):
+    return dense_rows(qc, kl, vl, kp, scale, r0, r1, key_end)
+
+
+@torch.library.custom_op("mif::sparse_attention_backward", mutates_args=())
+def sparse_attention_backward(
+    grad: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding: Optional[torch.Tensor],
+    scale: float,
+    patterns: list[int],
+    budget0: list[int],
+    budget1: list[int],
+    min_seq_len: int,
+    last_q: int,
+    block_m: int,
+    impl: str,
+    max_density: float,
+    mass: Optional[list[float]] = None,
+    site: int = -1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of ``mif::sparse_attention`` (see :func:`layer_grads`): an op of its own, so
+    AOTAutograd traces the backward graph without running data-dependent code on fake tensors."""
+    return layer_grads(grad, q, k, v, key_padding, scale, patterns, budget0, budget1, min_seq_len, last_q,
+                       block_m, impl, max_density, mass)
+
+
+@sparse_attention_backward.register_fake
+def _sparse_attention_backward_fake(grad, q, k, v, *args):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, like the real op's
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_padding = inputs[:4]
+    ctx.save_for_backward(q, k, v, key_padding)
+    ctx.args = inputs[4:]
+
+
+def _backward(ctx, grad):
+    q, k, v, key_padding = ctx.saved_tensors
+    dq, dk, dv = torch.ops.mif.sparse_attention_backward(grad.contiguous(), q, k, v, key_padding, *ctx.args)
+    return (dq, dk, dv) + (None,) * (len(ctx.args) + 1)  # key_padding and the non-tensor arguments
+
+
+sparse_attention.register_autograd(_backward, setup_context=_setup_context)

@@ -166,8 +166,8 @@ def classify(node: fx.Node) -> tuple[str | None, dict[str, Any]]:
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     facts.update(B=B, H=H, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D)
-    if not _static_true(v.shape[-1] == D) or not _static_true(k.shape[-1] == D):
-        return "head_dim of key or value differs from query's", facts
+    if not _static_true(k.shape[-1] == D):  # the value's head dim may differ (MLA): the kernels take d_v
+        return "head_dim of key differs from query's", facts
     p = a["dropout_p"]
     if isinstance(p, fx.Node) or p != 0.0:
         return f"dropout_p={p} (training)", facts

@@ -62,3 +62,40 @@ def test_dense_budget_kernel_equals_sdpa():
     dense = torch.nn.functional.scaled_dot_product_attention(
         x["q"], x["k"].repeat_interleave(2, 1), x["v"].repeat_interleave(2, 1), is_causal=True, scale=0.2)
     torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("D,Dv,dtype", [(24, 16, torch.float32), (48, 32, torch.float16), (16, 8, torch.float32)])
+def test_head_dims_not_a_power_of_two_and_value_dim_differs(D, Dv, dtype):
+    c = {**EDGE, "N": 150, "H": 4, "Hkv": 2, "D": D, "block_m": 64, "sink": "mixed", "padding": True, "V": 9, "S": 5}
+    x = make_inputs(c, dtype)
+    g = torch.Generator().manual_seed(1)
+    v = torch.randn(1, 2, 150, Dv, generator=g).to(dtype)
+    idx = build(c, x)
+    scale = D ** -0.5
+    out = K.sparse_attention(x["q"], x["k"], v, idx, scale=scale, block_m=64, key_padding=x["key_padding"],
+                             impl="triton")
+    assert out.shape == (1, 4, 150, Dv)
+    mask = full_mask(idx, c, x["key_padding"])
+    ref64 = dense_masked(x["q"], x["k"], v, mask, scale)
+    assert_close_to_ref64(out, low_precision_pt(x["q"], x["k"], v, mask, scale), ref64)
+    args = dict(last_q=64, scale=scale, key_padding=x["key_padding"])
+    col, diag = K.vertical_slash_scores(x["q"].float(), x["k"].float(), impl="triton", **args)
+    c64, d64 = K.vertical_slash_scores(x["q"].double(), x["k"].double(), impl="reference", **args)
+    torch.testing.assert_close(col, c64, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(diag, d64, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_attention_kernel_propagates_nan_like_the_reference(dtype):
+    c = {**EDGE, "N": 150, "H": 4, "Hkv": 2, "D": 16, "block_m": 64, "sink": "mixed", "V": 9, "S": 5}
+    x = make_inputs(c, dtype)
+    x["q"][0, 1, 140, 3] = float("nan")
+    x["k"][0, 0, 70, 0] = float("nan")
+    x["k"][0, 1, 30, :] = float("inf")
+    idx = build(c, x)
+    out = K.sparse_attention(x["q"], x["k"], x["v"], idx, scale=0.25, block_m=64, impl="triton")
+    ref = K.sparse_attention(x["q"].double(), x["k"].double(), x["v"].double(), idx, scale=0.25, block_m=64,
+                             impl="reference")
+    assert torch.isnan(ref).any() and torch.equal(torch.isnan(out), torch.isnan(ref))
+    ok = ~torch.isnan(ref)
+    torch.testing.assert_close(out[ok].double(), ref[ok], rtol=2e-3, atol=2e-3)
