@@ -11,3 +11,8 @@ case ${1:-op} in
   model)
     shift; timeout 560 python3 benchmarks/bench_prefill.py --structured mixed "$@" --out "$out" 2>&1 | grep -v -i warn | tee "$out/model.log" | tail -30 ;;
 esac
+# final: cuda tests of the merged tree, then a speed check of the kernels against the previous run
+if [ "${1:-}" = final ]; then
+  timeout 240 python3 -m pytest -q -p no:cacheprovider -m cuda tests/kernels/test_cuda.py tests/backend/test_cuda_adaptive.py tests/backend/test_cuda_backend.py 2>&1 | tail -15 | tee "$out/tests.log"
+  timeout 200 python3 benchmarks/bench_structured.py --mixes mixed --lengths 131072 524288 --mass 0.99 --out "$out" --tag final 2>&1 | grep -v -i warn | tee "$out/final.log" | tail -8
+fi
