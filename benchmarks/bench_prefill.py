@@ -31,11 +31,14 @@ import time
 import torch
 
 
-def build(layers: int):
+def build(layers: int, heads: int = 32, kv_heads: int = 8, hidden: int = 4096, inter: int = 14336,
+          vocab: int = 128256):
+    """A random-weight bf16 Llama on the GPU, Llama-3-8B's shape by default."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=1 << 20, rope_theta=500000.0)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=1 << 20,
+                      rope_theta=500000.0)
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     prev = torch.get_default_dtype()

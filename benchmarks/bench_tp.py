@@ -26,27 +26,15 @@ import json
 import os
 import time
 
+import sys
+
 import torch
 import torch.distributed as dist
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_prefill import build  # noqa: E402  (the same random-weight Llama)
 
-def build(layers: int, heads: int = 32, kv_heads: int = 8, hidden: int = 4096, inter: int = 14336,
-          vocab: int = 128256):
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
-                      num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=1 << 20,
-                      rope_theta=500000.0)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("cuda"):
-            model = LlamaForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(prev)
-    return model.eval()
 
 
 def shard(model, world: int):
