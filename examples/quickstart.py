@@ -91,3 +91,7 @@ def main() -> None:
     print(f"prefill: dense eager SDPA {t_dense * 1e3:.1f} ms, minference {t_sparse * 1e3:.1f} ms "
           f"({t_dense / t_sparse:.2f}x)")
 
+
+
+if __name__ == "__main__":
+    main()
