@@ -68,6 +68,24 @@ def make_batch(text: torch.Tensor, b: int, n: int, p: int, g: torch.Generator):
 def build_model(args):
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    if args.init:
+        # warm start from a saved model (config.json + model.safetensors); a longer max length and,
+        # optionally, a new RoPE base are written into its config (the weights do not depend on them)
+        cfg = LlamaConfig.from_pretrained(args.init)
+        cfg.max_position_embeddings = max(cfg.max_position_embeddings, args.max_len)
+        if args.rope_theta_init is not None:
+            cfg.rope_parameters = {"rope_type": "default", "rope_theta": args.rope_theta_init}
+        cfg._attn_implementation = "sdpa"
+        model = LlamaForCausalLM(cfg)
+        from safetensors.torch import load_file
+
+        sd = load_file(os.path.join(args.init, "model.safetensors"))
+        missing, unexpected = model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
+        missing = [k for k in missing if "rotary" not in k]
+        if missing or unexpected:
+            raise SystemExit(f"--init {args.init}: missing {missing}, unexpected {unexpected}")
+        return model
+
     cfg = LlamaConfig(vocab_size=256, hidden_size=args.hidden, intermediate_size=args.intermediate,
                       num_hidden_layers=args.layers, num_attention_heads=args.heads,
                       num_key_value_heads=args.kv_heads, max_position_embeddings=args.max_len,
@@ -143,6 +161,13 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init", default=None,
+                    help="warm start from this model folder (e.g. mif_compile/data/retrieval-llama or a "
+                         "previous --out); the architecture options are then taken from its config")
+    ap.add_argument("--rope-theta-init", type=float, default=None,
+                    help="with --init: set this RoPE base in the loaded config")
+    ap.add_argument("--save-every-s", type=float, default=120.0,
+                    help="also write the weights every this many seconds, so that a cut-off run leaves a checkpoint")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
 
@@ -168,6 +193,7 @@ def main(argv=None) -> int:
     step, si, stage_t0 = 0, 0, time.time()
     stage_log = {"length": stages[0][0], "start_step": 0, "start_s": 0.0}
     ema = None
+    last_save = time.time()
     while True:
         el = time.time() - t0
         if el > args.budget_s:
@@ -188,6 +214,9 @@ def main(argv=None) -> int:
         step += 1
         cur = (lm_loss.item(), ans_loss.item(), acc.item())
         ema = cur if ema is None else tuple(0.9 * a + 0.1 * b for a, b in zip(ema, cur))
+        if time.time() - last_save > args.save_every_s:
+            save(model, args.out)
+            last_save = time.time()
         if step % args.eval_every == 0:
             acc_eval, lm_eval = dense_accuracy(model, text, n, p_max, 2, batch, g, amp)
             row = {"step": step, "s": round(time.time() - t0, 1), "length": n, "lr": lr, "lm_loss": round(ema[0], 4),
