@@ -166,6 +166,8 @@ def main(argv=None) -> int:
                          "previous --out); the architecture options are then taken from its config")
     ap.add_argument("--rope-theta-init", type=float, default=None,
                     help="with --init: set this RoPE base in the loaded config")
+    ap.add_argument("--replay", type=float, default=0.0,
+                    help="share of steps that train at a random earlier stage's length (against forgetting it)")
     ap.add_argument("--save-every-s", type=float, default=120.0,
                     help="also write the weights every this many seconds, so that a cut-off run leaves a checkpoint")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -199,6 +201,8 @@ def main(argv=None) -> int:
         if el > args.budget_s:
             break
         n, p_max, batch = stages[si]
+        if si and random.random() < args.replay:  # replay an earlier stage, so that shorter lengths are not forgotten
+            n, p_max, batch = stages[random.randrange(si)]
         frac = el / args.budget_s  # lr: warmup, constant, linear decay over the last quarter
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * (1.0 if frac < 0.75 else max(0.1, (1 - frac) / 0.25))
         for grp in opt.param_groups:
@@ -218,6 +222,7 @@ def main(argv=None) -> int:
             save(model, args.out)
             last_save = time.time()
         if step % args.eval_every == 0:
+            n, p_max, batch = stages[si]
             acc_eval, lm_eval = dense_accuracy(model, text, n, p_max, 2, batch, g, amp)
             row = {"step": step, "s": round(time.time() - t0, 1), "length": n, "lr": lr, "lm_loss": round(ema[0], 4),
                    "ans_loss": round(ema[1], 4), "acc_eval": round(acc_eval, 4), "lm_eval": round(lm_eval, 4)}
