@@ -183,6 +183,8 @@ class SearchSettings:
         caps = []
         for cap in self.mass_caps:
             try:
+                if len(tuple(cap)) != 2:
+                    raise ConfigError("expected (v, s), two integers")
                 caps.append(HeadPattern.vertical_slash(*cap).budget)
             except (ConfigError, TypeError) as e:
                 raise ConfigError(f"search: mass cap {cap!r}: {e}") from None
@@ -249,6 +251,8 @@ def parse_candidates(specs: Iterable[str]) -> tuple[HeadPattern, ...]:
                         raise ConfigError(f"candidate {item!r}: unknown or repeated field {f!r}; the only named "
                                           "field is mass=, like vertical_slash:100,6096,mass=0.95")
                     mass = float(value)
+            except ConfigError:
+                raise
             except ValueError:
                 raise ConfigError(f"candidate {item!r}: budgets must be integers and mass a number, like "
                                   "vertical_slash:1000,6096 or vertical_slash:100,6096,mass=0.95") from None
