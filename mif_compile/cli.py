@@ -1,13 +1,17 @@
 """``mif-compile`` / ``python -m mif_compile``: pattern search and plan tooling.
 
     mif-compile search --model PATH|tiny|random:layers=32,heads=32 [--text FILE] [--seq-len N] [--out plan.json]
+                       [--modes fixed,mass [--masses 0.9,0.95,0.99,0.999] [--mass-caps 100,6096 ...]]
     mif-compile show PLAN.json [--plot OUT.png [--head L:H --model ... --seq-len N]]
-    mif-compile convert IN.json OUT.json [--to minference|ours]
+    mif-compile convert IN.json OUT.json [--to minference|ours] [--drop-mass]
     mif-compile eval --model PATH|builtin [--lengths ...] [--config plan.json] ...   (mif_compile.evaluate)
 
 ``search`` captures each layer's q/k through the minference backend on one calibration prefill and
 writes a per-layer, per-head plan with the recall of each choice (see ``mif_compile.search``); it
-resumes from ``OUT.search/`` when interrupted. ``show`` prints a per-layer summary of a plan (ours or
+resumes from ``OUT.search/`` when interrupted. ``--modes fixed,mass`` also scores the adaptive index
+(vertical-slash caps with mass targets); a head that picks one carries ``mass`` in our JSON, which
+MInference's format cannot hold (``--minference-out`` / ``convert --to minference`` refuse such a plan
+unless ``--drop-mass``). ``show`` prints a per-layer summary of a plan (ours or
 MInference's JSON), ``--plot`` draws it, and ``--head`` also draws one head's attention map with the
 kept blocks and columns over it (this needs the model and the calibration input again).
 """
