@@ -1,13 +1,17 @@
 """``mif-compile`` / ``python -m mif_compile``: pattern search and plan tooling.
 
     mif-compile search --model PATH|tiny|random:layers=32,heads=32 [--text FILE] [--seq-len N] [--out plan.json]
+                       [--modes fixed,mass [--masses 0.9,0.95,0.99,0.999] [--mass-caps 100,6096 ...]]
     mif-compile show PLAN.json [--plot OUT.png [--head L:H --model ... --seq-len N]]
-    mif-compile convert IN.json OUT.json [--to minference|ours]
+    mif-compile convert IN.json OUT.json [--to minference|ours] [--drop-mass]
     mif-compile eval --model PATH|builtin [--lengths ...] [--config plan.json] ...   (mif_compile.evaluate)
 
 ``search`` captures each layer's q/k through the minference backend on one calibration prefill and
 writes a per-layer, per-head plan with the recall of each choice (see ``mif_compile.search``); it
-resumes from ``OUT.search/`` when interrupted. ``show`` prints a per-layer summary of a plan (ours or
+resumes from ``OUT.search/`` when interrupted. ``--modes fixed,mass`` also scores the adaptive index
+(vertical-slash caps with mass targets); a head that picks one carries ``mass`` in our JSON, which
+MInference's format cannot hold (``--minference-out`` / ``convert --to minference`` refuse such a plan
+unless ``--drop-mass``). ``show`` prints a per-layer summary of a plan (ours or
 MInference's JSON), ``--plot`` draws it, and ``--head`` also draws one head's attention map with the
 kept blocks and columns over it (this needs the model and the calibration input again).
 """
@@ -22,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from .config import ConfigError, ModelPlan, load_plan, save_plan
+from .config import ConfigError, ModelPlan, Pattern, load_plan, save_plan
 
 _TINY = dict(layers=2, heads=4, kv_heads=2, hidden=64, intermediate=96, vocab=96)
 _RANDOM = dict(layers=32, heads=32, kv_heads=8, head_dim=128, hidden=4096, intermediate=1024, vocab=1024)
@@ -203,6 +207,36 @@ def int_list(text: str) -> list[int]:
     return values
 
 
+def _modes(text: str) -> tuple[str, ...]:
+    """An argparse ``type`` for ``--modes fixed,mass``."""
+    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    if not modes or any(m not in ("fixed", "mass") for m in modes) or len(set(modes)) != len(modes):
+        raise argparse.ArgumentTypeError(f"expected fixed, mass or fixed,mass, got {text!r}")
+    return modes
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    """An argparse ``type`` for mass targets ``0.9,0.95``: numbers in (0, 1]."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers in (0, 1] like 0.9,0.95, got {text!r}") from None
+    if not all(0.0 < v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected numbers in (0, 1], got {text!r}")
+    return values
+
+
+def _cap(text: str) -> tuple[int, int]:
+    """An argparse ``type`` for a (v, s) cap ``100,6096``: two positive integers."""
+    try:
+        v, s = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a cap V,S of two integers like 100,6096, got {text!r}") from None
+    if v < 1 or s < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return v, s
+
+
 def add_debug(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
 
@@ -268,13 +302,25 @@ def _cmd_search(args) -> None:
 
     kwargs: dict[str, Any] = dict(rule=args.rule, target=args.target, max_cost=args.max_cost, lam=args.lam,
                                   n_last=args.rows_last, n_spread=args.rows_spread, min_row=args.min_row,
-                                  cost=args.cost, block_m=args.block_m, last_q=args.last_q)
+                                  cost=args.cost, block_m=args.block_m, last_q=args.last_q, modes=args.modes)
+    if args.masses is not None:
+        kwargs["masses"] = args.masses
+    if args.mass_caps is not None:
+        kwargs["mass_caps"] = args.mass_caps
     if args.candidates:
         try:
             kwargs["candidates"] = parse_candidates(args.candidates)
         except ConfigError as e:
             raise ConfigError(f"--candidates: {e}") from None
-    settings = SearchSettings(**kwargs)
+    try:
+        settings = SearchSettings(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("search: ", "", 1)) from None
+    if args.minference_out and any(c.mass is not None for c in settings.scored) and not args.drop_mass:
+        raise ConfigError(f"--minference-out {args.minference_out!r}: MInference's format has no mass target, and "
+                          f"--modes {','.join(settings.modes)} scores mass-targeted candidates; give --modes fixed "
+                          "(MInference's mode only) or --drop-mass (those heads are written with their caps as "
+                          "fixed budgets)")
     model, ids = _load_inputs(args)
     result = search(model, ids, settings=settings, out=args.out, state_dir=args.state, progress=not args.no_progress,
                     forward_kwargs={"use_cache": False, "logits_to_keep": 1}, inductor=args.inductor,
@@ -284,8 +330,19 @@ def _cmd_search(args) -> None:
     print(summary(result.plan))
     print(f"wrote {args.out}")
     if args.minference_out:
-        save_plan(result.plan, args.minference_out, minference_format=True)
+        save_plan(_drop_mass(result.plan, "search") if args.drop_mass else result.plan, args.minference_out,
+                  minference_format=True)
         print(f"wrote {args.minference_out} (MInference format)")
+
+
+def _drop_mass(plan: ModelPlan, cmd: str) -> ModelPlan:
+    """``--drop-mass``: the plan without mass targets, said on stderr when there were any."""
+    n = plan.count_mass()
+    if n:
+        print(f"mif-compile {cmd}: note: --drop-mass: the mass target of {n} head(s) is not written; in "
+              "MInference's format they run their caps (v, s) as fixed budgets, which keep more keys",
+              file=sys.stderr)
+    return plan.without_mass()
 
 
 def summary(plan: ModelPlan) -> str:
@@ -308,10 +365,26 @@ def summary(plan: ModelPlan) -> str:
     total = sum(counts.values())
     lines.append(f"{len(plan.layers)} layers, {total} heads: "
                  + ", ".join(f"{p} {n} ({100 * n / total:.0f}%)" for p, n in sorted(counts.items())))
+    lines.append(mass_line(plan))
     if name == "score":
         lines.append("score: the 4th field of the heads, not a recall (some values are outside [0, 1]; MInference's "
                      "files hold raw search scores for some models)")
     return "\n".join(lines)
+
+
+def mass_line(plan: ModelPlan) -> str:
+    """How many vertical-slash heads use the adaptive index (a mass target) and which targets."""
+    heads = [hp for layer in plan.layers for hp in layer] if plan.layers is not None else [plan.default]
+    vs = [hp for hp in heads if hp.pattern is Pattern.VERTICAL_SLASH]
+    targets: dict[float, int] = {}
+    for hp in vs:
+        if hp.mass is not None:
+            targets[hp.mass] = targets.get(hp.mass, 0) + 1
+    n = sum(targets.values())
+    if not n:
+        return f"adaptive index (mass target): none of {len(vs)} vertical-slash heads (all fixed budgets)"
+    return (f"adaptive index (mass target): {n} of {len(vs)} vertical-slash heads ("
+            + ", ".join(f"mass={m:g} x{c}" for m, c in sorted(targets.items())) + f"), {len(vs) - n} fixed budgets")
 
 
 def _parse_head(s: str) -> tuple[int, int]:
@@ -376,6 +449,10 @@ def _cmd_show(args) -> None:
 def _cmd_convert(args) -> None:
     plan = load_plan(args.src)
     mi = args.to == "minference"
+    if args.drop_mass:
+        if not mi:
+            raise ConfigError("--drop-mass applies to --to minference only (our format keeps mass targets)")
+        plan = _drop_mass(plan, "convert")
     if mi and plan.layers is not None and plan.default != ModelPlan(plan.layers).default:
         print(f"mif-compile convert: note: MInference's format has no default pattern; {plan.default.describe()} "
               "is not written (a per-layer plan does not use it; it reads back as dense)", file=sys.stderr)
@@ -417,6 +494,15 @@ def _parser() -> tuple[Parser, dict[str, Parser]]:
     srch.add_argument("--block-m", type=int, default=64, choices=(64, 128),
                       help="query block of the scored index (default 64; the op runs 128, whose kept keys include "
                            "those at 64 except a run's last-block overshoot, so recall is about a lower bound)")
+    srch.add_argument("--modes", type=_modes, default=("fixed",), metavar="fixed,mass",
+                      help="vertical-slash candidates to score: fixed (MInference's fixed budgets, the default) "
+                           "and/or mass (the adaptive index: every --mass-caps cap with every --masses target)")
+    srch.add_argument("--masses", type=_float_list, default=None, metavar="0.9,0.95,...",
+                      help="mass targets of mode mass (default 0.9,0.95,0.99,0.999)")
+    srch.add_argument("--mass-caps", type=_cap, nargs="+", default=None, metavar="V,S",
+                      help="(v, s) caps of mode mass (default 30,6096 100,6096 1000,6096)")
+    srch.add_argument("--drop-mass", action="store_true",
+                      help="with --minference-out: write mass-targeted heads with their caps as fixed budgets")
     srch.add_argument("--inductor", action="store_true", help="compile the rest of the model with Inductor")
     srch.add_argument("--no-progress", action="store_true")
 
@@ -435,6 +521,9 @@ def _parser() -> tuple[Parser, dict[str, Parser]]:
     conv.add_argument("src")
     conv.add_argument("dst")
     conv.add_argument("--to", choices=("ours", "minference"), default="ours")
+    conv.add_argument("--drop-mass", action="store_true",
+                      help="with --to minference: write mass-targeted heads with their caps as fixed budgets "
+                           "(MInference's format has no mass target; without this flag such a plan is refused)")
     add_debug(conv)
     return parser, {"search": srch, "show": show, "convert": conv}
 

@@ -312,8 +312,12 @@ class ModelPlan:
             d = {}
             for h, hp in enumerate(layer):
                 if hp.mass is not None:
+                    n = self.count_mass()
                     raise ConfigError(f"{_where(len(out), h)}MInference's format has no mass target "
-                                      f"({hp.describe()}); keep this plan in our format")
+                                      f"({hp.describe()}; {n} head(s) of the plan have one): keep this plan in "
+                                      "our format, or drop the targets explicitly (ModelPlan.without_mass(), "
+                                      "mif-compile convert --drop-mass): those heads then run their caps as "
+                                      "MInference's fixed budgets")
                 b = list(hp.budget) + [0] * (2 - len(hp.budget))
                 d[str(h)] = [names[hp.pattern], b[0], b[1], hp.score]
             out.append(d)
@@ -375,6 +379,20 @@ class ModelPlan:
                     raise ConfigError(f"{_where(i, h)}{e}") from None
             layers.append(tuple(heads))
         return cls(tuple(layers))
+
+    def count_mass(self) -> int:
+        """Heads with a mass target of their own (the adaptive index), the default's included for a
+        uniform plan."""
+        if self.layers is None:
+            return int(self.default.mass is not None)
+        return sum(hp.mass is not None for layer in self.layers for hp in layer)
+
+    def without_mass(self) -> "ModelPlan":
+        """The same plan with every head's mass target removed: those heads run their ``(v, s)`` caps
+        as MInference's fixed budgets (what MInference's format can say)."""
+        strip = lambda hp: dataclasses.replace(hp, mass=None)  # noqa: E731
+        layers = None if self.layers is None else tuple(tuple(strip(hp) for hp in layer) for layer in self.layers)
+        return ModelPlan(layers, strip(self.default))
 
     def summary(self) -> str:
         """One line per layer: pattern counts and budgets."""

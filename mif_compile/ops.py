@@ -307,9 +307,10 @@ def _top_left_causal(q, k, v, key_padding, scale):
     return out.contiguous()
 
 
-def _record_run(site: int, n: int, reason: str | None, detail: str = "", density: float | None = None) -> None:
+def _record_run(site: int, n: int, reason: str | None, detail: str = "", density: float | None = None,
+                missed: tuple[int, int] | None = None) -> None:
     if site >= 0:
-        _report.record_run(site, n, reason, detail, density)
+        _report.record_run(site, n, reason, detail, density, missed)
 
 
 _CPU_NOTED = False
@@ -342,22 +343,29 @@ def sparse_index(q, k, key_padding, scale, patterns, budget0, budget1, min_seq_l
             _note_cpu_auto()
         rec(site, n, _report.CPU_AUTO)
         return None
+    info: dict = {}
     index = build_layer_index(q, k, key_padding, scale, patterns, budget0, budget1, last_q, block_m, impl,
-                              mass=mass)
+                              mass=mass, info=info)
     check = max_density < 1.0
     density = None
+    missed = None  # (adaptive heads that ran the fixed choice, adaptive heads), when read
     if (check or (record and _STATS is not None)) and not _capturing(q):
         # one tiny device->host read per layer (never while a CUDA graph is captured): when the
         # estimated index keeps most causal pairs (e.g. scattered slashes on unstructured attention),
-        # dense SDPA is the faster kernel
-        density = float(kept_density(index, n, block_m))
+        # dense SDPA is the faster kernel; the adaptive heads' missed targets come in the same read
+        kept = kept_density(index, n, block_m)
+        if "missed" in info:
+            kept, n_missed = torch.stack([kept, info["missed"].to(kept.dtype)]).tolist()
+            missed = (int(n_missed), info["adaptive"])
+        density = float(kept)
         fall_back = check and density > max_density
         if record:
-            _record_stat(n, density, fall_back)
+            _record_stat(n, density, fall_back, missed, site)
         if fall_back:
-            rec(site, n, _report.DENSITY, f"kept density {density:.3f} > max_density {max_density}", density)
+            rec(site, n, _report.DENSITY, f"kept density {density:.3f} > max_density {max_density}", density,
+                missed)
             return None
-    rec(site, n, None, density=density)
+    rec(site, n, None, density=density, missed=missed)
     return index
 
 
@@ -374,10 +382,13 @@ def build_layer_index(
     impl: str = "auto",
     vs_scores: Optional[tuple] = None,
     mass: Optional[Sequence[float]] = None,
+    info: Optional[dict] = None,
 ):
     """The unified sparse index of one layer (all heads, their patterns mixed): estimation, top-k (or the
     mass-targeted selection for heads with ``mass[h] > 0``) and index building as the op runs them.
-    ``vs_scores`` reuses a ``vertical_slash_scores`` result."""
+    ``vs_scores`` reuses a ``vertical_slash_scores`` result. ``info`` (a dict, optional) receives, for a
+    layer with adaptive heads, ``adaptive`` (their count over the batch, an int) and ``missed`` (a device
+    scalar: how many of them did not reach the target within the caps and run the fixed choice)."""
     from . import kernels as K
 
     n = q.shape[2]
@@ -399,6 +410,9 @@ def build_layer_index(
                     col, diag, t["v_count"], t["s_count"], t["mass"], last_q=last_q,
                     v_max=max(lp.v_count[i] for i in adaptive), s_max=max(lp.s_count[i] for i in adaptive))
                 sel = (t["is_adaptive"][None, :] & reached)[..., None]  # [B, H, 1]
+                if info is not None:
+                    info["adaptive"] = b * len(adaptive)
+                    info["missed"] = (t["is_adaptive"][None, :] & ~reached).sum()
                 vw, sw = max(va.shape[-1], v_idx.shape[-1]), max(sa.shape[-1], s_off.shape[-1])
                 v_idx = torch.where(sel, _pad_last(va, vw), _pad_last(v_idx, vw))
                 s_off = torch.where(sel, _pad_last(sa, sw), _pad_last(s_off, sw))
@@ -435,14 +449,23 @@ def _capturing(t: torch.Tensor) -> bool:
 _STATS: list | None = None
 
 
-def _record_stat(n: int, density: float, dense: bool) -> None:
+def _record_stat(n: int, density: float, dense: bool, missed: tuple[int, int] | None = None,
+                 site: int = -1) -> None:
     if _STATS is not None:
-        _STATS.append({"seq_len": n, "density": density, "fell_back_to_dense": dense})
+        row = {"seq_len": n, "density": density, "fell_back_to_dense": dense,
+               "layer": _report.site_layer(site), "mode": "fixed" if missed is None else "mass"}
+        if missed is not None:
+            row["adaptive_heads"], row["target_missed"] = missed[1], missed[0]
+        _STATS.append(row)
 
 
 class collect_stats:
-    """``with collect_stats() as rows:`` records, per sparse layer call, the kept-pair density and
-    whether the op fell back to dense (one host read per layer while active)."""
+    """``with collect_stats() as rows:`` records, per sparse layer call, a dict: ``seq_len``, the
+    kept-pair ``density``, ``fell_back_to_dense`` (above ``max_density``), ``layer`` (None for a call
+    made outside the backend) and ``mode``: ``"fixed"``, or ``"mass"`` for a layer with adaptive heads,
+    which also has ``adaptive_heads`` (their count over the batch) and ``target_missed`` (how many of
+    them did not reach the mass target within the caps and ran the fixed choice). One host read per
+    layer while active."""
 
     def __enter__(self) -> list:
         global _STATS

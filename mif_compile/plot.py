@@ -3,7 +3,9 @@
 matplotlib is optional: it is imported here, lazily, and a missing install gives a clear error.
 Only the Agg canvas is used (no pyplot state, no display needed).
 
-- :func:`plot_plan`: two heatmaps over (layer, head): the chosen pattern and its recall.
+- :func:`plot_plan`: two heatmaps over (layer, head): the chosen pattern (vertical-slash heads with a
+  mass target, the adaptive index, in a colour of their own, with the target written on the cell) and
+  its recall.
 - :func:`plot_head`: one head's attention map on a calibration input, averaged over tiles of
   ``ceil(N / max_px)`` positions (the mass a query of the row tile puts on the key tile, log scale),
   and the same map with the keys the head's pattern keeps over it (the index the op would build
@@ -22,9 +24,19 @@ from .config import ConfigError, HeadPattern, ModelPlan, Pattern
 
 __all__ = ["plot_plan", "plot_head", "head_maps"]
 
+# the plan map's categories: the patterns, and vertical-slash heads with a mass target (the adaptive index)
+_MASS = "vertical_slash, mass target"
 _COLORS = {Pattern.DENSE: "#9e9e9e", Pattern.A_SHAPE: "#1f77b4", Pattern.VERTICAL_SLASH: "#ff7f0e",
-           Pattern.BLOCK_SPARSE: "#2ca02c"}
-_ORDER = [Pattern.DENSE, Pattern.A_SHAPE, Pattern.VERTICAL_SLASH, Pattern.BLOCK_SPARSE]
+           Pattern.BLOCK_SPARSE: "#2ca02c", _MASS: "#d62728"}
+_ORDER = [Pattern.DENSE, Pattern.A_SHAPE, Pattern.VERTICAL_SLASH, Pattern.BLOCK_SPARSE, _MASS]
+
+
+def _category(hp: HeadPattern):
+    return _MASS if hp.mass is not None else hp.pattern
+
+
+def _label(cat) -> str:
+    return cat.value if isinstance(cat, Pattern) else cat
 
 
 def _figure(width: float, height: float):
@@ -52,7 +64,7 @@ def plot_plan(plan: ModelPlan, path: str | os.PathLike) -> None:
     recall = torch.full((n_layers, n_heads), float("nan"))
     for i, layer in enumerate(plan.layers):
         for h, hp in enumerate(layer):
-            codes[i, h] = _ORDER.index(hp.pattern)
+            codes[i, h] = _ORDER.index(_category(hp))
             if hp.score is not None:
                 recall[i, h] = hp.score
     fig.set_size_inches(max(8.0, 3 + 0.36 * min(n_heads, 64)), max(3.5, 1.8 + 0.22 * min(n_layers, 96)))
@@ -60,8 +72,18 @@ def plot_plan(plan: ModelPlan, path: str | os.PathLike) -> None:
     cmap = ListedColormap([_COLORS[p] for p in _ORDER])
     ax1.imshow(codes.numpy(), cmap=cmap, vmin=-0.5, vmax=len(_ORDER) - 0.5, aspect="auto", interpolation="nearest")
     ax1.set_title("pattern")
-    used = [p for p in _ORDER if any(hp.pattern is p for layer in plan.layers for hp in layer)]
-    fig.legend(handles=[Patch(color=_COLORS[p], label=p.value) for p in used], loc="lower center",
+    used = [p for p in _ORDER if any(_category(hp) == p for layer in plan.layers for hp in layer)]
+    n_mass = plan.count_mass()
+    if n_mass:  # each adaptive head's target, written on its cell when the map is small enough to read
+        if n_layers * n_heads <= 1024:
+            for i, layer in enumerate(plan.layers):
+                for h, hp in enumerate(layer):
+                    if hp.mass is not None:
+                        ax1.text(h, i, f"{hp.mass:g}", ha="center", va="center", fontsize=6, color="white")
+        targets = sorted({hp.mass for layer in plan.layers for hp in layer if hp.mass is not None})
+        ax1.set_title(f"pattern ({n_mass} heads with a mass target: " + ", ".join(f"{m:g}" for m in targets) + ")",
+                      fontsize=9)
+    fig.legend(handles=[Patch(color=_COLORS[p], label=_label(p)) for p in used], loc="lower center",
                ncol=len(used), fontsize=8, frameon=False)
     name = plan.score_name()  # "score" when MInference's 4th field is a raw search score, not a recall
     if torch.isnan(recall).all():

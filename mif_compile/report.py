@@ -63,6 +63,7 @@ class SiteRuns:
     last_seq_len: int | None = None
     last_density: float | None = None  # kept share of causal pairs, when the op read it
     last_reason: str | None = None  # the newest dense call's reason with its numbers
+    last_missed: tuple | None = None  # adaptive heads: (ran the fixed choice, all), when the op read it
 
     def format(self) -> str:
         where = f"layer {self.layer}" if self.layer is not None else (self.module or "site")
@@ -72,6 +73,11 @@ class SiteRuns:
         line = f"  run     {where}: {self.calls} call(s), " + ", ".join(parts) + f"; last N={self.last_seq_len}"
         if self.last_density is not None:
             line += f", kept density {self.last_density:.3f}"
+        if self.last_missed is not None:
+            missed, total = self.last_missed
+            line += f", mass target reached by {total - missed}/{total} adaptive head(s)"
+            if missed:
+                line += f" ({missed} ran the fixed choice of their caps)"
         if self.dense:
             line += f"; last dense: {self.last_reason}"
         return line
@@ -86,8 +92,13 @@ def register_site(graph_id: int, layer: int | None, module: str | None) -> int:
     return len(_SITES) - 1
 
 
+def site_layer(site: int) -> int | None:
+    """The layer of a site id the op carries (None for calls made outside the backend)."""
+    return _SITES[site].layer if 0 <= site < len(_SITES) else None
+
+
 def record_run(site: int, seq_len: int, dense_reason: str | None, detail: str = "",
-               density: float | None = None) -> None:
+               density: float | None = None, missed: tuple | None = None) -> None:
     """One op call of ``site`` (host-side bookkeeping only): sparse when ``dense_reason`` is None,
     else dense for that reason (``detail``: its numbers, e.g. ``N=4096 < 32768``). The first dense
     call of a site for each reason is logged at INFO, the first CPU-auto call of the process once."""
@@ -98,6 +109,8 @@ def record_run(site: int, seq_len: int, dense_reason: str | None, detail: str = 
     r.last_seq_len = seq_len
     if density is not None:
         r.last_density = density
+    if missed is not None:
+        r.last_missed = tuple(missed)
     if dense_reason is None:
         r.sparse += 1
         return
@@ -168,7 +181,7 @@ class CompileReport:
                 gqa = f", GQA {s.num_heads}/{s.num_kv_heads}" if s.num_kv_heads != s.num_heads else ""
                 held = self.rank_heads.get(s.layer)
                 tp = f", {held.describe()}" if held is not None else ""
-                lines.append(f"  sparse  {where} [layer {s.layer}, {s.reason}{gqa}{tp}]: {pats}")
+                lines.append(f"  sparse  {where} [layer {s.layer}, {s.reason}{gqa}{tp}]: {pats}{vs_mode(s.patterns)}")
             else:
                 lines.append(f"  dense   {where}: {s.reason}")
         lines.extend(f"  note    {n}" for n in self.notes)
@@ -180,6 +193,21 @@ class CompileReport:
 
     def __str__(self) -> str:
         return self.format()
+
+
+def vs_mode(heads) -> str:
+    """``"; vertical-slash: ..."``: whether a site's vertical-slash heads run MInference's fixed budgets
+    or the adaptive index (a mass target), or both; empty when it has none."""
+    vs = [hp for hp in heads if hp.pattern.value == "vertical_slash"]
+    if not vs:
+        return ""
+    targets = Counter(hp.mass for hp in vs if hp.mass is not None)
+    fixed = len(vs) - sum(targets.values())
+    parts = [f"{fixed} fixed budgets"] if fixed else []
+    parts += [f"{n} mass target {m:g}" for m, n in sorted(targets.items())]
+    if len(parts) == 1:
+        parts = ["fixed budgets" if fixed else f"mass target {next(iter(targets)):g} (adaptive)"]
+    return "; vertical-slash: " + ", ".join(parts)
 
 
 def _reasons(runs: list[SiteRuns]) -> list[str]:

@@ -10,7 +10,8 @@
    sees exact activations. Without layer/head counts (a model with no HF config) the plan is
    uniform and layers are numbered in call order (one call per layer per forward).
 2. Recall. For each head and candidate, the candidate's index is built with the kernels the op
-   uses (estimation on this very input, then ``build_vs_index`` / ``build_bs_index``). Recall is
+   uses (estimation on this very input, the fixed top-k or, for a candidate with a ``mass`` target,
+   the adaptive selection of ``kernels/select.py``, then ``build_vs_index`` / ``build_bs_index``). Recall is
    the mean, over sampled query rows (the last ``n_last`` rows and ``n_spread`` rows spread over
    ``[min_row, N)``), of the dense softmax mass on the kept keys. The softmax is computed for a
    chunk of rows at a time (memory O(rows x N), never N x N); the mass of a kept 64-key block is
@@ -21,6 +22,8 @@
    ``time`` (CUDA, kernel-aware): the measured time of estimation + index + sparse attention with
    the candidate on all heads of the layer (``triton.testing.do_bench``), split over the heads in
    proportion to their kept pairs, over the measured time of dense SDPA.
+   Both are of the index itself, so an adaptive candidate is scored in the same currency as a
+   fixed one: what its chosen tiles and columns keep and cost on this input.
 4. Choice (:class:`Rule`): ``target`` (default) takes the cheapest candidate whose recall reaches
    ``target`` (0.95) and, when none does, the one of highest recall (``dense``, a default
    candidate of recall 1 and cost 1, thus wins whenever no sparse candidate reaching the target is
@@ -55,10 +58,13 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
-from .config import ConfigError, HeadPattern, ModelPlan, Pattern, save_plan
+from .config import ConfigError, HeadPattern, ModelPlan, Pattern, check_mass, save_plan
 
 __all__ = [
     "DEFAULT_CANDIDATES",
+    "DEFAULT_MASSES",
+    "DEFAULT_MASS_CAPS",
+    "MODES",
     "Rule",
     "CostKind",
     "SearchSettings",
@@ -102,6 +108,15 @@ DEFAULT_CANDIDATES: tuple[HeadPattern, ...] = (
 )
 
 
+# The adaptive (mass-targeted) vertical-slash candidates of mode "mass": every cap with every target.
+# Columns within the cap are always kept, so the caps differ in v; s = 6096 allows 96 groups of 64 diagonals.
+DEFAULT_MASSES: tuple[float, ...] = (0.9, 0.95, 0.99, 0.999)
+DEFAULT_MASS_CAPS: tuple[tuple[int, int], ...] = ((30, 6096), (100, 6096), (1000, 6096))
+# "fixed": vertical-slash candidates with MInference's fixed budgets (and every other pattern);
+# "mass": the adaptive candidates above
+MODES = ("fixed", "mass")
+
+
 class SearchError(RuntimeError):
     """A search that cannot go on (state written with other settings, nothing captured, ...)."""
 
@@ -120,7 +135,13 @@ class CostKind(str, Enum):
 
 @dataclasses.dataclass(frozen=True)
 class SearchSettings:
-    """What is scored and how the winner is chosen (see the module docstring)."""
+    """What is scored and how the winner is chosen (see the module docstring).
+
+    ``modes`` says which vertical-slash candidates are scored: ``"fixed"`` the fixed-budget ones of
+    ``candidates`` (MInference's mode; the other patterns of ``candidates`` are scored in every mode),
+    ``"mass"`` the adaptive ones: those of ``candidates`` with a ``mass`` and every cap of
+    ``mass_caps`` with every target of ``masses``. :attr:`scored` is the resulting list.
+    """
 
     candidates: tuple[HeadPattern, ...] = DEFAULT_CANDIDATES
     rule: Rule = Rule.TARGET
@@ -136,19 +157,49 @@ class SearchSettings:
     block_m: int = 64
     cost: CostKind = CostKind.AUTO
     impl: str = "auto"
+    modes: tuple[str, ...] = ("fixed",)
+    masses: tuple[float, ...] = DEFAULT_MASSES
+    mass_caps: tuple[tuple[int, int], ...] = DEFAULT_MASS_CAPS
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rule", Rule(self.rule))
         object.__setattr__(self, "cost", CostKind(self.cost))
         cands = tuple(self.candidates)
-        if not cands:
-            raise ConfigError("search: at least one candidate is needed")
         for i, c in enumerate(cands):
             if not isinstance(c, HeadPattern):
                 raise ConfigError(f"search: candidate {i} must be a HeadPattern, got {c!r}")
         if len(set(cands)) != len(cands):
             raise ConfigError(f"search: duplicate candidates in {[c.describe() for c in cands]}")
         object.__setattr__(self, "candidates", cands)
+        modes = (self.modes,) if isinstance(self.modes, str) else tuple(self.modes)
+        bad = [m for m in modes if m not in MODES]
+        if bad or not modes or len(set(modes)) != len(modes):
+            raise ConfigError(f"search: modes must be distinct names among {list(MODES)}, got {list(modes)}")
+        object.__setattr__(self, "modes", modes)
+        masses = tuple(check_mass(m, "search: mass target") for m in self.masses)
+        if len(set(masses)) != len(masses):
+            raise ConfigError(f"search: duplicate mass targets in {list(masses)}")
+        object.__setattr__(self, "masses", masses)
+        caps = []
+        for cap in self.mass_caps:
+            try:
+                if len(tuple(cap)) != 2:
+                    raise ConfigError("expected (v, s), two integers")
+                caps.append(HeadPattern.vertical_slash(*cap).budget)
+            except (ConfigError, TypeError) as e:
+                raise ConfigError(f"search: mass cap {cap!r}: {e}") from None
+        object.__setattr__(self, "mass_caps", tuple(caps))
+        if "mass" not in modes:
+            given = [c.describe() for c in cands if c.mass is not None]
+            if given:
+                raise ConfigError(f"search: candidate(s) {given} have a mass target, but modes {list(modes)} "
+                                  "leave out 'mass'")
+        if "mass" in modes and not (masses and caps) and not any(c.mass is not None for c in cands):
+            raise ConfigError("search: mode 'mass' needs at least one mass target and one cap (or a candidate "
+                              "with a mass)")
+        if not self.scored:
+            raise ConfigError(f"search: no candidate to score in modes {list(modes)} (candidates: "
+                              f"{[c.describe() for c in cands]})")
         if not 0.0 < self.target <= 1.0:
             raise ConfigError(f"search: target recall must be in (0, 1], got {self.target}")
         if self.max_cost <= 0 or self.lam < 0:
@@ -158,28 +209,56 @@ class SearchSettings:
         if self.block_m not in (64, 128):
             raise ConfigError(f"search: block_m must be 64 or 128, got {self.block_m}")
 
+    @property
+    def scored(self) -> tuple[HeadPattern, ...]:
+        """The candidates scored for every head, in order: ``candidates`` as the modes allow, then the
+        generated adaptive ones (caps x targets) that are not already there."""
+        fixed, mass = "fixed" in self.modes, "mass" in self.modes
+        out = [c for c in self.candidates
+               if (c.mass is not None and mass) or (c.mass is None and (fixed or c.pattern is not Pattern.VERTICAL_SLASH))]
+        if mass:  # highest target first: where two targets give the same index here, the higher one wins
+            for v, s in self.mass_caps:
+                for m in sorted(self.masses, reverse=True):
+                    hp = HeadPattern.vertical_slash(v, s, mass=m)
+                    if hp not in out:
+                        out.append(hp)
+        return tuple(out)
+
     def scoring_key(self) -> dict[str, Any]:
         """The settings the stored scores depend on (the rule is applied afterwards)."""
         return {
-            "candidates": [c.to_json() for c in self.candidates],
+            "candidates": [c.to_json() for c in self.scored],
             "n_last": self.n_last, "n_spread": self.n_spread, "min_row": self.min_row,
             "last_q": self.last_q, "block_m": self.block_m,
         }
 
 
 def parse_candidates(specs: Iterable[str]) -> tuple[HeadPattern, ...]:
-    """``["a_shape:128,3968", "vertical_slash:1000,6096", "block_sparse:100", "dense"]`` -> patterns."""
+    """``["a_shape:128,3968", "vertical_slash:1000,6096", "vertical_slash:100,6096,mass=0.95",
+    "block_sparse:100", "dense"]`` -> patterns (``mass=``: the adaptive index's target, vertical-slash only)."""
     out = []
     for spec in specs:
         for item in spec.replace(";", " ").split():
             name, _, nums = item.partition(":")
+            fields = nums.split(",") if nums else []
+            mass = None
             try:
-                budget = tuple(int(x) for x in nums.split(",")) if nums else None
+                keyed = [f for f in fields if "=" in f]
+                budget = tuple(int(x) for x in fields if "=" not in x)
+                for f in keyed:
+                    key, _, value = f.partition("=")
+                    if key != "mass" or mass is not None:
+                        raise ConfigError(f"candidate {item!r}: unknown or repeated field {f!r}; the only named "
+                                          "field is mass=, like vertical_slash:100,6096,mass=0.95")
+                    mass = float(value)
+            except ConfigError:
+                raise
             except ValueError:
-                raise ConfigError(f"candidate {item!r}: budgets must be integers, like vertical_slash:1000,6096") from None
+                raise ConfigError(f"candidate {item!r}: budgets must be integers and mass a number, like "
+                                  "vertical_slash:1000,6096 or vertical_slash:100,6096,mass=0.95") from None
             try:
                 hp = HeadPattern.default_for(name)
-                out.append(hp if budget is None else HeadPattern(hp.pattern, budget))
+                out.append(HeadPattern(hp.pattern, budget or hp.budget, mass=mass))
             except ConfigError as e:
                 raise ConfigError(f"candidate {item!r}: {e}") from None
     return tuple(out)
@@ -268,19 +347,24 @@ def _estimate_vs(q, k, scale, last_q, impl):
 
 def candidate_index(q, k, cand: HeadPattern, *, scale: float, last_q: int = 64, block_m: int = 64,
                     impl: str = "auto", vs_scores=None):
-    """The index the op builds when every head of the layer runs ``cand`` (None for dense).
+    """The index the op builds when every head of the layer runs ``cand`` (None for dense); a
+    candidate with a ``mass`` gets the adaptive index (``kernels/select.py``, with the op's fallback to
+    the fixed choice of its caps where the target is not reached).
 
     q: [B, H, N, D], k: [B, Hkv, N, D]. ``vs_scores``: (col, diag) of ``vertical_slash_scores``,
     reused across vertical-slash candidates when given.
     """
-    from .ops import build_layer_index, encode_heads
+    from .ops import build_layer_index, encode_heads, encode_mass
 
     if cand.pattern is Pattern.DENSE:
         return None
-    codes, b0, b1 = encode_heads((cand,) * q.shape[1])
+    heads = (cand,) * q.shape[1]
+    codes, b0, b1 = encode_heads(heads)
+    mass = encode_mass(heads) if cand.mass is not None else None
     if cand.pattern is Pattern.VERTICAL_SLASH and vs_scores is None:
         vs_scores = _estimate_vs(q, k, scale, last_q, impl)
-    return build_layer_index(q, k, None, scale, codes, b0, b1, last_q, block_m, impl, vs_scores=vs_scores)
+    return build_layer_index(q, k, None, scale, codes, b0, b1, last_q, block_m, impl, vs_scores=vs_scores,
+                             mass=mass)
 
 
 def _estimation_pairs(cand: HeadPattern, n: int, last_q: int) -> float:
@@ -386,12 +470,13 @@ def score_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, scale:
     causal = N * (N + 1) / 2
     rows = sample_rows(N, st.n_last, st.n_spread, st.min_row).to(q.device)
     qblocks, pos = torch.unique(rows // st.block_m, return_inverse=True)
-    needs_vs = any(c.pattern is Pattern.VERTICAL_SLASH for c in st.candidates)
+    cands = st.scored
+    needs_vs = any(c.pattern is Pattern.VERTICAL_SLASH for c in cands)
     vs_scores = _estimate_vs(q, k, scale, st.last_q, st.impl) if needs_vs else None
 
-    sliced, cost = [], torch.zeros(H, len(st.candidates), dtype=torch.float64)
+    sliced, cost = [], torch.zeros(H, len(cands), dtype=torch.float64)
     t_dense = bench(lambda: ops.dense_attention(q, k, v, None, scale)) if kind is CostKind.TIME else None
-    for c, cand in enumerate(st.candidates):
+    for c, cand in enumerate(cands):
         index = candidate_index(q, k, cand, scale=scale, last_q=st.last_q, block_m=st.block_m, impl=st.impl,
                                 vs_scores=vs_scores)
         if index is None:
@@ -411,7 +496,7 @@ def score_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, scale:
         sliced.append(tuple(t[:, :, qblocks] for t in index))
         del index
 
-    mass = torch.zeros(len(st.candidates), B, H, dtype=torch.float64, device=q.device)
+    mass = torch.zeros(len(cands), B, H, dtype=torch.float64, device=q.device)
     for c0, p in _probs_chunks(q, k, scale, rows):
         r = p.shape[2]
         cum = F.pad(p.double().cumsum(-1), (1, 0))  # [B, H, R, N + 1]
@@ -424,7 +509,7 @@ def score_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, scale:
             mass[c] += _kept_mass(p, cum, rows_idx, N).sum(-1)
         del cum
     recall = (mass / rows.numel()).mean(1).clamp(max=1.0).T.cpu()  # [H, C]
-    return LayerScores(layer, N, st.candidates, recall.tolist(), cost.tolist(), kind.value,
+    return LayerScores(layer, N, cands, recall.tolist(), cost.tolist(), kind.value,
                        round(time.perf_counter() - t0, 3))
 
 
@@ -447,7 +532,7 @@ def choose_layer(scores: LayerScores, settings: SearchSettings = SearchSettings(
     for r, c in zip(scores.recall, scores.cost):
         i = choose(r, c, settings)
         cand = scores.candidates[i]
-        heads.append(HeadPattern(cand.pattern, cand.budget, round(r[i], 4)))
+        heads.append(dataclasses.replace(cand, score=round(r[i], 4)))  # a mass target stays
     return tuple(heads)
 
 

@@ -13,6 +13,11 @@ Shapes (logits after the 1/sqrt(D) scale):
   (a Dirichlet kernel, D/2 frequencies, so each line is a few tokens thick).
 - ``block``: 64-token blocks grouped in clusters of 3 scattered blocks; a query attends the blocks
   of its own cluster.
+- ``rope``: attention made position-dependent the way RoPE makes it in real models (rotated q and k,
+  the query rotated back by ``ROPE_SLASH``): one distant diagonal a few tokens thick, a sink and a
+  heavy key, plus noise. A fixed slash budget large enough to hold the diagonal spends the rest of
+  its picks on scattered low-mass diagonals (2-3 key tiles each per query block); the adaptive
+  index keeps the diagonal's group and stops (the case of issue 11).
 """
 
 from __future__ import annotations
@@ -77,8 +82,34 @@ def _block(n, g):
     return q, k
 
 
-SHAPES = {"a_shape": _a_shape, "vertical": _vertical, "slash": _slash, "block": _block}
-EXPECTED = {"a_shape": "a_shape", "vertical": "vertical_slash", "slash": "vertical_slash", "block": "block_sparse"}
+ROPE_SLASH = 700
+ROPE_HEAVY = 333
+
+
+def _rope(n, g):
+    half = D // 2
+    theta = 10000.0 ** (-torch.arange(half, dtype=torch.float64) / half)
+    theta[-1] = 0.0  # the last pair is not rotated: the sink and the heavy key live there
+    ang = torch.arange(n, dtype=torch.float64)[:, None] * theta  # [n, half]
+
+    def rot(x, a):  # x: [n, D] as (real, imag) halves, rotated by the angles a
+        xr, xi = x[:, :half], x[:, half:]
+        return torch.cat([xr * torch.cos(a) - xi * torch.sin(a), xr * torch.sin(a) + xi * torch.cos(a)], 1)
+
+    base = torch.zeros(n, D, dtype=torch.float64)
+    base[:, : half // 2] = 1.0  # high-frequency pairs: a sharp peak at one offset
+    q = rot(rot(base, -ROPE_SLASH * theta.expand(n, half)), ang) * 6.0  # peaks at i - j = ROPE_SLASH
+    k = rot(base, ang) * 2.0
+    q[:, half - 1] += 2.0
+    k[0, half - 1] += 46.0
+    k[ROPE_HEAVY, half - 1] += 44.0
+    q = q + 0.3 * torch.randn(n, D, generator=g, dtype=torch.float64)
+    k = k + 0.3 * torch.randn(n, D, generator=g, dtype=torch.float64)
+    return (q / math.sqrt(D)).float(), k.float()  # PlantedAttention scales q by sqrt(D) back
+
+
+SHAPES = {"rope": _rope, "a_shape": _a_shape, "vertical": _vertical, "slash": _slash, "block": _block}
+EXPECTED = {"rope": "vertical_slash", "a_shape": "a_shape", "vertical": "vertical_slash", "slash": "vertical_slash", "block": "block_sparse"}
 
 
 class PlantedAttention(nn.Module):

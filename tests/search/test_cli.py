@@ -3,6 +3,7 @@ formats, errors that name the line, layer and head, and the plots (when matplotl
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from importlib.metadata import entry_points
@@ -177,3 +178,64 @@ def test_head_maps_overlay_matches_the_index():
     torch.testing.assert_close(kept4, kept.view(160, 4, 160, 4).sum((1, 3)) / causal.view(160, 4, 160, 4).sum((1, 3)).clamp(min=1))
     _, kept_dense, _ = head_maps(q, k, HP.dense(), scale=scale, max_px=160)
     assert torch.equal(kept_dense > 0, torch.ones(160, 160).tril() > 0)
+
+
+def test_search_modes_fixed_mass_and_minference_out(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    base = ["search", "--model", "tiny", "--seq-len", 384, "--out", out, "--candidates", *CANDS, "--no-progress"]
+    # checked before the model loads: MInference's format cannot hold the mass targets
+    code, _, err = _run(capsys, *base, "--modes", "fixed,mass", "--minference-out", tmp_path / "mi.json")
+    assert code == 2 and "--minference-out" in err and "--drop-mass" in err and "--modes fixed" in err
+    for bad, what in ((["--modes", "fixed,adaptive"], "argument --modes: expected fixed, mass or fixed,mass"),
+                      (["--masses", "0.9,1.5"], "argument --masses: expected numbers in (0, 1]"),
+                      (["--mass-caps", "100"], "argument --mass-caps: expected a cap V,S"),
+                      (["--candidates", "vertical_slash:30,100,mass=0.9"], "leave out 'mass'")):
+        code, _, err = _run(capsys, *base, *bad)
+        assert code == 2 and what in err, err
+    code, stdout, err = _run(capsys, *base, "--modes", "fixed,mass", "--masses", "1.0,0.9", "--mass-caps", "30,100",
+                             "--minference-out", tmp_path / "mi.json", "--drop-mass", "--target", 0.5)
+    assert code == 0, err
+    scores = json.loads((tmp_path / "plan.json.search" / "layer_000.json").read_text())
+    assert [HP.from_json(c) for c in scores["candidates"]][-2:] == [HP.vertical_slash(30, 100, mass=1.0),
+                                                                     HP.vertical_slash(30, 100, mass=0.9)]
+    plan = load_plan(out)
+    n_mass = plan.count_mass()
+    assert "adaptive index (mass target): " in stdout
+    assert load_plan(tmp_path / "mi.json").layers == plan.without_mass().layers
+    assert ("mass target of" in err) == (n_mass > 0)
+
+
+def test_show_and_plot_a_plan_with_mass_targets(tmp_path, capsys):
+    plan = ModelPlan(((HP("vertical_slash", (100, 6096), 0.97, 0.95), HP("vertical_slash", (30, 800), 0.96)) * 2,
+                      (HP("vertical_slash", (100, 6096), 0.99, 0.99), HP("a_shape", (64, 128), 0.95)) * 2))
+    path = tmp_path / "plan.json"
+    save_plan(plan, path)
+    code, stdout, _ = _run(capsys, "show", path)
+    assert code == 0
+    assert "layer   0: 2 x vertical_slash(v=100, s=6096, mass=0.95), 2 x vertical_slash(v=30, s=800)" in stdout
+    assert "adaptive index (mass target): 4 of 6 vertical-slash heads (mass=0.95 x2, mass=0.99 x2), 2 fixed budgets" \
+        in stdout
+    fixed = tmp_path / "fixed.json"
+    save_plan(plan.without_mass(), fixed)
+    code, stdout, _ = _run(capsys, "show", fixed)
+    assert "adaptive index (mass target): none of 6 vertical-slash heads (all fixed budgets)" in stdout
+    code, _, err = _run(capsys, "convert", path, tmp_path / "mi.json", "--to", "minference")
+    assert code == 2 and "layer 0, head 0: MInference's format has no mass target" in err and "4 head(s)" in err
+    code, _, err = _run(capsys, "convert", path, tmp_path / "ours.json", "--drop-mass")
+    assert code == 2 and "--drop-mass applies to --to minference only" in err
+    if importlib.util.find_spec("matplotlib") is None:
+        return
+    png = tmp_path / "map.png"
+    code, stdout, err = _run(capsys, "show", path, "--plot", png, "--head", "0:0", "--model", "tiny", "--seq-len", 300)
+    assert code == 0, err
+    for p in (png, tmp_path / "map_L0_H0.png"):
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_plan_marks_the_adaptive_heads():
+    pytest.importorskip("matplotlib")
+    from mif_compile import plot
+
+    plan = ModelPlan(((HP.vertical_slash(mass=0.95), HP.vertical_slash()),))
+    assert [plot._category(hp) for hp in plan.layers[0]] == [plot._MASS, HP.vertical_slash().pattern]
+    assert plot._ORDER.index(plot._MASS) != plot._ORDER.index(HP.vertical_slash().pattern)

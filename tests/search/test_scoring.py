@@ -122,3 +122,83 @@ def test_kernel_aware_cost_splits_measured_time_by_kept_pairs():
     for c, cand in enumerate(CANDS[:-1]):  # per head: in proportion to its kept pairs
         pairs = K.count_kept_pairs(candidate_index(q, k, cand, scale=0.25), 300, 64)[0].double()
         torch.testing.assert_close(cost[:, c] / cost[:, c].sum(), pairs / pairs.sum())
+
+
+MASS_CANDS = (HP.vertical_slash(40, 600, mass=0.9), HP.vertical_slash(3, 300, mass=0.99),
+              HP.vertical_slash(40, 120, mass=1.0))
+
+
+@pytest.mark.parametrize("block_m", [64, 128])
+def test_mass_candidates_recall_cost_and_index_are_the_ops(monkeypatch, block_m):
+    """An adaptive candidate is scored on the index the op builds with its mass target (the brute-force
+    recall and pair count of that index), and differs from the same caps as fixed budgets."""
+    n = 700
+    from tests.backend.test_adaptive import structured_qk
+
+    q, k, v = structured_qk(1, 4, 2, n, 16, slash=300, heavy=(100,))
+    scale = 0.25
+    st = SearchSettings(candidates=MASS_CANDS + (HP.vertical_slash(40, 600),), modes=("fixed", "mass"), masses=(),
+                        mass_caps=(), n_last=20, n_spread=30, min_row=10, block_m=block_m, cost="pairs")
+    got = score_layer(q, k, None, scale, st)
+    assert got.candidates == st.candidates
+    kx = k.repeat_interleave(2, dim=1)
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    p = torch.softmax(((q @ kx.transpose(-1, -2)) * scale).masked_fill(~causal, float("-inf")), -1)[0]
+    rows = sample_rows(n, 20, 30, 10)
+    seen = {}
+    monkeypatch.setattr(K, "sparse_attention", lambda q, k, v, index, **kw: seen.update(index=index) or torch.zeros_like(q))
+    masks = []
+    for c, cand in enumerate(st.candidates):
+        index = candidate_index(q, k, cand, scale=scale, block_m=block_m)
+        mask = K.index_to_dense_mask(index, n, block_m)[0] & causal
+        masks.append(mask)
+        torch.testing.assert_close(torch.tensor([got.recall[h][c] for h in range(4)], dtype=torch.float32),
+                                   (p * mask)[:, rows].sum(-1).mean(-1), atol=1e-5, rtol=0)
+        want_cost = (mask.sum((-1, -2)).double() + S._estimation_pairs(cand, n, 64)) / (n * (n + 1) / 2)
+        torch.testing.assert_close(torch.tensor([got.cost[h][c] for h in range(4)], dtype=torch.float64), want_cost,
+                                   atol=1e-9, rtol=0)
+        codes, b0, b1 = ops.encode_heads([cand] * 4)
+        ops.run_layer(q, k, v, None, scale, codes, b0, b1, 0, 64, block_m, "reference", 1.0, ops.encode_mass([cand] * 4))
+        assert torch.equal(K.index_to_dense_mask(seen["index"], n, block_m)[0] & causal, mask)
+    # not vacuous: the target changes the index, and mass 0.9 keeps fewer pairs than the same caps fixed
+    assert not torch.equal(masks[0], masks[3])
+    assert all(got.cost[h][0] < got.cost[h][3] for h in range(4)), got.cost
+
+
+def test_modes_decide_the_scored_candidates():
+    fixed = SearchSettings()
+    assert fixed.modes == ("fixed",) and fixed.scored == S.DEFAULT_CANDIDATES  # the search as it was
+    assert fixed.scoring_key()["candidates"] == [c.to_json() for c in S.DEFAULT_CANDIDATES]
+    both = SearchSettings(modes=("fixed", "mass"))
+    extra = both.scored[len(S.DEFAULT_CANDIDATES):]
+    assert both.scored[:len(S.DEFAULT_CANDIDATES)] == S.DEFAULT_CANDIDATES
+    assert extra == tuple(HP.vertical_slash(v, s, mass=m) for v, s in S.DEFAULT_MASS_CAPS
+                          for m in sorted(S.DEFAULT_MASSES, reverse=True))
+    only = SearchSettings(modes="mass", masses=(0.95,), mass_caps=((100, 2000),))
+    assert only.scored == tuple(c for c in S.DEFAULT_CANDIDATES if c.pattern.value != "vertical_slash") + (
+        HP.vertical_slash(100, 2000, mass=0.95),)
+    given = SearchSettings(candidates=(HP.dense(), HP.vertical_slash(30, 800, mass=0.9)), modes=("fixed", "mass"),
+                           masses=(0.9,), mass_caps=((30, 800), (100, 800)))
+    assert given.scored == (HP.dense(), HP.vertical_slash(30, 800, mass=0.9), HP.vertical_slash(100, 800, mass=0.9))
+    with pytest.raises(ValueError, match=r"have a mass target, but modes \['fixed'\] leave out 'mass'"):
+        SearchSettings(candidates=(HP.vertical_slash(30, 800, mass=0.9),))
+    with pytest.raises(ValueError, match="modes must be distinct names"):
+        SearchSettings(modes=("fixed", "adaptive"))
+    with pytest.raises(ValueError, match=r"mass target must be a number in \(0, 1\]"):
+        SearchSettings(modes=("mass",), masses=(1.5,))
+    with pytest.raises(ValueError, match=r"mass cap \(10,\)"):
+        SearchSettings(modes=("mass",), mass_caps=((10,),))
+    with pytest.raises(ValueError, match="mode 'mass' needs at least one mass target and one cap"):
+        SearchSettings(candidates=(HP.vertical_slash(),), modes=("mass",), masses=(), mass_caps=())
+    with pytest.raises(ValueError, match="no candidate to score"):
+        SearchSettings(candidates=())
+    # parsing, and the chosen head keeps its target
+    assert S.parse_candidates(["vertical_slash:100,6096,mass=0.95", "vertical_slash:mass=0.9"]) == (
+        HP.vertical_slash(100, 6096, mass=0.95), HP.vertical_slash(mass=0.9))
+    with pytest.raises(ValueError, match="only named field is mass="):
+        S.parse_candidates(["vertical_slash:100,600,gamma=0.9"])
+    with pytest.raises(ValueError, match="vertical_slash heads only"):
+        S.parse_candidates(["a_shape:64,128,mass=0.9"])
+    sc = S.LayerScores(0, 100, (HP.dense(), HP.vertical_slash(30, 800, mass=0.99)), [[1.0, 0.97]], [[1.0, 0.2]],
+                       "pairs")
+    assert S.choose_layer(sc, given) == (HP("vertical_slash", (30, 800), 0.97, 0.99),)

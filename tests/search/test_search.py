@@ -3,6 +3,7 @@ of each head's pattern, saved plans, resuming after an interruption, and state e
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -169,3 +170,60 @@ def test_layers_the_backend_leaves_dense_stay_dense(tmp_path):
     assert result.plan.layers[1] == (HP.dense(),)
     assert result.plan.layers[0][0].pattern.value != "dense" and result.plan.layers[0][0].score >= 0.95
     assert isinstance(result.plan, ModelPlan)
+
+
+# Mode "mass": the planted ``rope`` head has one distant diagonal (offset 700) that a fixed slash budget
+# can hold only by also taking scattered low-mass diagonals; the adaptive index keeps the diagonal's
+# group and stops. Rows before the diagonal's offset have no structure, so the sampled rows start past it.
+ROPE_LAYOUT = (("rope", "a_shape", "vertical", "block"),)
+MASS = dict(modes=("fixed", "mass"), mass_caps=((48, 6096),), min_row=1024)
+
+
+def test_search_with_mass_candidates_picks_an_adaptive_head_below_the_fixed_cost(tmp_path, capsys):
+    from mif_compile.cli import main
+
+    torch.manual_seed(0)
+    model = PlantedModel(ROPE_LAYOUT).eval()
+    ids = torch.randint(0, 64, (1, N), generator=torch.Generator().manual_seed(0))
+    fixed = search(model, ids, settings=SearchSettings(candidates=CANDS, cost="pairs", min_row=1024),
+                   num_layers=1, num_heads=4, progress=False)
+    out = tmp_path / "plan.json"
+    st = SearchSettings(candidates=CANDS, cost="pairs", **MASS)
+    both = search(model, ids, settings=st, out=out, num_layers=1, num_heads=4, progress=False)
+    sc = both.scores[0]
+    assert sc.candidates == st.scored and sc.candidates[:len(CANDS)] == CANDS  # fixed first, then the adaptive
+    head = both.plan.layers[0][0]
+    assert head.pattern.value == "vertical_slash" and head.mass is not None and head.budget == (48, 6096)
+    c = sc.candidates.index(dataclasses.replace(head, score=None))
+    assert sc.recall[0][c] >= 0.95 and head.score == round(sc.recall[0][c], 4)
+    fixed_ok = [sc.cost[0][i] for i, cand in enumerate(sc.candidates) if cand.mass is None and sc.recall[0][i] >= 0.95]
+    assert fixed_ok and sc.cost[0][c] < 0.8 * min(fixed_ok), (sc.cost[0][c], fixed_ok)
+    # the targets give the same index on this input: the highest one is taken (more margin on others)
+    same = [i for i, cand in enumerate(sc.candidates) if cand.mass is not None and sc.cost[0][i] == sc.cost[0][c]]
+    assert head.mass == max(sc.candidates[i].mass for i in same)
+    # --modes fixed is the search as it was: the same candidates and choices; mode mass only changed head 0
+    assert fixed.scores[0].candidates == CANDS and fixed.plan.layers[0][0].mass is None
+    assert fixed.plan.layers[0][0].pattern.value == "vertical_slash"
+    assert both.plan.layers[0][1:] == fixed.plan.layers[0][1:]
+    assert [hp.pattern.value for hp in both.plan.layers[0]] == [EXPECTED[k] for k in ROPE_LAYOUT[0]]
+    # the plan round-trips with its mass target, and show says so
+    assert load_plan(out) == both.plan and load_plan(out).layers[0][0].mass == head.mass
+    assert main(["show", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"vertical_slash(v=48, s=6096, mass={head.mass:g})" in text
+    assert "adaptive index (mass target): 1 of 2 vertical-slash heads" in text
+    # MInference's format cannot hold it: refused, or dropped when asked
+    with pytest.raises(mif_compile.ConfigError, match="layer 0, head 0: MInference's format has no mass target"):
+        mif_compile.save_plan(both.plan, tmp_path / "mi.json", minference_format=True)
+    assert main(["convert", str(out), str(tmp_path / "mi.json"), "--to", "minference"]) == 2
+    assert "--drop-mass" in capsys.readouterr().err
+    assert main(["convert", str(out), str(tmp_path / "mi.json"), "--to", "minference", "--drop-mass"]) == 0
+    assert "mass target of 1 head(s) is not written" in capsys.readouterr().err
+    assert load_plan(tmp_path / "mi.json").layers == both.plan.without_mass().layers
+    # resuming with other modes is refused (the scored candidates differ), with the same re-chooses
+    with pytest.raises(SearchError, match="other settings"):
+        search(model, ids, settings=SearchSettings(candidates=CANDS, cost="pairs", min_row=1024), out=out,
+               num_layers=1, num_heads=4, progress=False)
+    again = search(model, ids, settings=dataclasses.replace(st, target=0.9), out=out, num_layers=1, num_heads=4,
+                   progress=False)
+    assert again.resumed == [0]
