@@ -43,7 +43,7 @@ from .tasks import ByteTokenizer, HFTokenizer, SymbolFormat, TextFormat, load_te
     text_window
 
 __all__ = ["Run", "default_runs", "op_settings", "overrides", "match_budget", "load_model", "evaluate", "format_table",
-           "format_markdown", "plot_needle", "main", "BUILTIN"]
+           "format_markdown", "merge_results", "plot_needle", "main", "BUILTIN"]
 
 BUILTIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "retrieval-llama")
 
@@ -572,7 +572,7 @@ def format_markdown(res: dict) -> str:
             dens += f" ({r['fallback']:.0%} dense fallback)"
         budget = r.get("budget", "-")
         if "target_density" in r:
-            budget += f", matched to {res['runs'][r['run']]['matches']}'s {r['target_density']:.3f}"
+            budget += f", at the density of {res['runs'][r['run']]['matches']} ({r['target_density']:.3f})"
         n = r["length"]
         size = f"{n // 1024}K" if n % 1024 == 0 else str(n)
         lines.append(f"| {size} | {r['run']} | {budget} | {_pct(r.get('needle'))} | {_pct(r.get('multikey'))} | {ppl} "
@@ -591,6 +591,33 @@ def _how(res: dict) -> str:
     return s
 
 
+def merge_results(parts: Sequence[dict]) -> dict:
+    """One results dict from evaluations of the same runs at different lengths (e.g. a GPU job that
+    runs the longest length in a separate, time-boxed call): rows, lengths and needle columns are
+    concatenated, per-length entries of each run joined."""
+    if not parts:
+        raise ValueError("nothing to merge")
+    out = json.loads(json.dumps(parts[0]))  # a deep copy
+    for res in parts[1:]:
+        if list(res["runs"]) != list(out["runs"]) or res["depths"] != out["depths"]:
+            raise ValueError(f"cannot merge: runs {list(res['runs'])} / depths {len(res['depths'])} differ from "
+                             f"{list(out['runs'])} / {len(out['depths'])}")
+        dup = set(res["lengths"]) & set(out["lengths"])
+        if dup:
+            raise ValueError(f"cannot merge: length(s) {sorted(dup)} are in more than one result")
+        out["lengths"] += res["lengths"]
+        out["rows"] += res["rows"]
+        for name, heat in res.get("needle", {}).items():
+            for line, more in zip(out["needle"][name], heat):
+                line += more
+        for name, info in res["runs"].items():
+            mine = out["runs"][name]
+            for key in ("density_per_layer", "budget"):
+                mine.setdefault(key, {}).update(info.get(key, {}))
+            mine["wall_s"] = mine.get("wall_s", 0) + info.get("wall_s", 0)
+    return out
+
+
 def describe(res: dict) -> str:
     lines = [f"device {res['device']}, torch {res['torch']}, format {res['format']}, needle depths {len(res['depths'])} x "
              f"{res['samples']} samples, multi-key {res['keys']} keys x {res['samples']} samples"]
@@ -601,8 +628,8 @@ def describe(res: dict) -> str:
             continue
         ov = info.get("overrides") or {}
         shown = ", ".join(f"{k}={v}" for k, v in ov.items()) or "none: the op's defaults"
-        what = (f"{s['default_pattern'].split('(')[0]} with its budget chosen at each length to match "
-                f"{info['matches']}'s kept density" if info.get("matches") else f"default pattern {s['default_pattern']}"
+        what = (f"{s['default_pattern'].split('(')[0]} with its budget chosen at each length to keep the "
+                f"kept density of {info['matches']}" if info.get("matches") else f"default pattern {s['default_pattern']}"
                 f"{' + per-layer plan' if s['per_layer_plan'] else ''}")
         lines.append(f"{name}: minference backend, {what}; min_seq_len={s['min_seq_len']}, max_density={s['max_density']}, "
                      f"impl={s['impl']}" + (f", mass={s['mass']:g}" if s.get("mass") is not None else "")
@@ -761,7 +788,7 @@ def run_cli(args) -> dict:
         note = ("sparse runs use min_seq_len=0 and max_density=1.0 (forced; the op's defaults 32768 and 0.6 would "
                 f"run {'these lengths' if max(lengths) < 32768 else 'lengths below 32768'} dense)")
     if match and base:
-        note += f"; baselines at {match}'s kept density, budget chosen per length"
+        note += f"; baselines at the kept density of {match}, budget chosen per length"
     tokens = _planned_tokens(lengths, args.depths if args.depths > 1 else 1, args.samples, args.ppl_samples, tasks)
     print(f"model {args.model} ({fmt.name} format) on {args.device} {dtype}; {note}", flush=True)
     print(f"{len(runs)} runs ({', '.join(r.name for r in runs)}) x {tokens:,} tokens each; progress and time left "

@@ -132,6 +132,30 @@ def test_cli_matched_baselines_write_their_budgets(tmp_path, capsys):
     assert res["runs"]["ours"]["overrides"] == {"default_pattern": "vertical_slash(v=64, s=64)", "min_seq_len": 0,
                                                 "impl": "reference", "max_density": 1.0}
     md = (out / "table.md").read_text()
-    assert md.count("\n| 1K |") == 5 and f"matched to ours's {target:.3f}" in md
+    assert md.count("\n| 1K |") == 5 and f"at the density of ours ({target:.3f})" in md
     assert md == f"Model `builtin`.\n\n{format_markdown(res)}"
     assert (out / "needle.png").exists() and "block_sparse" in (out / "table.txt").read_text()
+
+
+def test_merge_results_joins_lengths():
+    from mif_compile.evaluate import merge_results
+
+    def part(n, acc):
+        rows = [{"length": n, "run": "dense", "needle": acc, "ppl": 2.0, "fwd_ms": 1.0, "time_s": 1.0},
+                {"length": n, "run": "ours", "needle": acc, "ppl": 2.1, "fwd_ms": 0.5, "time_s": 1.0, "density": 0.1,
+                 "budget": "vertical_slash(v=1000, s=6096)"}]
+        runs = {"dense": {"density_per_layer": {}, "budget": {}, "wall_s": 1.0},
+                "ours": {"density_per_layer": {str(n): [0.1, 0.1]}, "budget": {str(n): "vs"}, "wall_s": 2.0,
+                         "matches": None}}
+        return {"lengths": [n], "depths": [0.0, 1.0], "rows": rows, "runs": runs, "keys": 16, "samples": 1,
+                "device": "x", "torch": "t", "needle": {"dense": [[acc], [acc]], "ours": [[acc], [1.0]]}}
+
+    a, b = part(65536, 1.0), part(262144, 0.5)
+    res = merge_results([a, b])
+    assert res["lengths"] == [65536, 262144] and len(res["rows"]) == 4
+    assert res["needle"]["ours"] == [[1.0, 0.5], [1.0, 1.0]] and a["needle"]["ours"] == [[1.0], [1.0]]  # a copy
+    assert set(res["runs"]["ours"]["density_per_layer"]) == {"65536", "262144"} and res["runs"]["ours"]["wall_s"] == 4.0
+    md = format_markdown(res)
+    assert "| 64K | ours |" in md and "| 256K | ours |" in md and "2.1000 (+5.00%)" in md
+    with pytest.raises(ValueError, match="more than one result"):
+        merge_results([a, a])
