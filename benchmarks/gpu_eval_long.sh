@@ -38,6 +38,7 @@ LENGTHS=${LENGTHS:-65536,131072}
 LONG_LENGTHS=${LONG_LENGTHS:-262144}
 QS_LENGTHS=${QS_LENGTHS:-65536 131072}
 OP_SETTINGS=${OP_SETTINGS:-default}
+MATCH=${MATCH:-ours}  # the run whose kept density the baselines match (ours_adaptive: when ours falls back to dense)
 DEPTHS=${DEPTHS:-11}
 SAMPLES=${SAMPLES:-2}
 PPL=${PPL:-1}
@@ -74,7 +75,7 @@ done
 eval_at() {  # eval_at DIR LENGTHS TIMEOUT
   local dir=$1 lengths=$2 limit=$3
   step "eval $lengths" "$limit" python -m mif_compile eval --model builtin --lengths "$lengths" \
-    --op-settings "$OP_SETTINGS" --depths "$DEPTHS" --samples "$SAMPLES" --ppl-samples "$PPL" --keys 16 \
+    --op-settings "$OP_SETTINGS" --match-density "$MATCH" --depths "$DEPTHS" --samples "$SAMPLES" --ppl-samples "$PPL" --keys 16 \
     --out "$OUT/$dir" > "$OUT/$dir.log" 2> "$OUT/$dir.progress.log"
   local rc=$?
   grep -v -i warn "$OUT/$dir.log" | tail -40

@@ -1,11 +1,12 @@
 """Accuracy of sparse prefill against dense on any HF causal LM: ``python -m mif_compile.evaluate``.
 
-    python -m mif_compile.evaluate --model builtin --lengths 2048,4096,8192 --out benchmarks/results/eval_x
-    python -m mif_compile.evaluate --model PATH --text book.txt --lengths 32768,65536 --config plan.json
+    python -m mif_compile.evaluate --model builtin --lengths 65536,131072 --out benchmarks/results/eval_x
+    python -m mif_compile.evaluate --model PATH --text book.txt --lengths 65536,131072 --config plan.json
 
-For each *run* (dense; ``ours``: the minference backend with the given plan/pattern; the baselines
-``a_shape`` (A-shape on every head, the static pattern) and ``block_sparse``) the same inputs go
-through the model and one table is printed, a row per (length, run):
+For each *run* (dense; ``ours``: the minference backend with the given plan/pattern; ``ours_adaptive``:
+the same with the backend setting ``mass`` (the adaptive index); the baselines ``a_shape`` (A-shape on
+every head, the static pattern) and ``block_sparse``, by default at the kept density ``ours`` measured
+at each length) the same inputs go through the model and one table is printed, a row per (length, run):
 
 - needle in a haystack: one fact at depths 0-100% of the haystack, exact match of the answer
   (also drawn as a depth x length heatmap per run, ``needle.png``);
@@ -17,11 +18,12 @@ through the model and one table is printed, a row per (length, run):
 Answers are scored in the same forward as the prompt (teacher forcing): an answer counts when the
 argmax at each of its positions is its next token, which is what greedy decoding would produce
 under the same attention. The op runs dense below ``min_seq_len`` (default 32768) and when an
-estimated index keeps more than ``max_density`` (0.6) of the pairs; to see sparse behaviour at
-the short lengths of an evaluation the sparse runs pass ``min_seq_len=0, max_density=1.0`` unless
-``--op-defaults`` is given, and the output says which. Logits come from the decoder's last hidden
-state through the output embedding (models with final logit soft-capping are scored without it).
-"""
+estimated index keeps more than ``max_density`` (0.6) of the pairs. ``--op-settings default`` keeps
+these (nothing is overridden: what a user of ``torch.compile(model, backend="minference")`` gets);
+``forced`` passes ``min_seq_len=0, max_density=1.0`` to see sparse behaviour at short lengths;
+``auto`` (the default) is ``default`` when every length is at least 32768, else ``forced``; the
+output says which. Logits come from the decoder's last hidden state through the output embedding
+(models with final logit soft-capping are scored without it)."""
 
 from __future__ import annotations
 
