@@ -35,9 +35,11 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}
 LENGTHS=${LENGTHS:-65536,131072}
-LONG_LENGTHS=${LONG_LENGTHS:-262144}
-QS_LENGTHS=${QS_LENGTHS:-65536 131072}
+LONG_LENGTHS=${LONG_LENGTHS-262144}  # empty: no 256K step
+QS_LENGTHS=${QS_LENGTHS-65536 131072}  # empty: no quickstart
 OP_SETTINGS=${OP_SETTINGS:-default}
+EVAL_ARGS=${EVAL_ARGS:-}  # more eval options, e.g. "--pattern vertical_slash:100,800" or "--config plan.json"
+QS_ARGS=${QS_ARGS:-}  # more quickstart options, e.g. "--mass 0.99"
 MATCH=${MATCH:-ours}  # the run whose kept density the baselines match (ours_adaptive: when ours falls back to dense)
 DEPTHS=${DEPTHS:-11}
 SAMPLES=${SAMPLES:-2}
@@ -67,8 +69,8 @@ step install 120 python -m pip install -q -e . --no-deps --no-build-isolation 2>
 cat "$OUT/env.txt"
 
 for n in $QS_LENGTHS; do
-  tag=$((n / 1024))k
-  step "quickstart $n" 150 python examples/quickstart.py --seq-len "$n" > "$OUT/quickstart_$tag.log" 2>&1
+  tag=$n; [ "$n" -ge 1024 ] && tag=$((n / 1024))k
+  step "quickstart $n" 150 python examples/quickstart.py --seq-len "$n" $QS_ARGS > "$OUT/quickstart_$tag.log" 2>&1
   grep -v -i warn "$OUT/quickstart_$tag.log" | tail -12
 done
 
@@ -76,7 +78,7 @@ eval_at() {  # eval_at DIR LENGTHS TIMEOUT
   local dir=$1 lengths=$2 limit=$3
   step "eval $lengths" "$limit" python -m mif_compile eval --model builtin --lengths "$lengths" \
     --op-settings "$OP_SETTINGS" --match-density "$MATCH" --depths "$DEPTHS" --samples "$SAMPLES" --ppl-samples "$PPL" --keys 16 \
-    --out "$OUT/$dir" > "$OUT/$dir.log" 2> "$OUT/$dir.progress.log"
+    $EVAL_ARGS --out "$OUT/$dir" > "$OUT/$dir.log" 2> "$OUT/$dir.progress.log"
   local rc=$?
   grep -v -i warn "$OUT/$dir.log" | tail -40
   tail -c 600 "$OUT/$dir.progress.log" | tr '\r' '\n' | tail -3
@@ -88,7 +90,7 @@ parts=("$OUT/eval/results.json")
 left=$((TOTAL_S - (SECONDS - START)))
 if [ -n "$LONG_LENGTHS" ] && [ "$left" -ge "$MIN_LEFT_S" ]; then
   eval_at eval_long "$LONG_LENGTHS" "$left" && parts+=("$OUT/eval_long/results.json")
-else
+elif [ -n "$LONG_LENGTHS" ]; then
   echo "::: eval $LONG_LENGTHS skipped: ${left}s left of ${TOTAL_S}s (needs ${MIN_LEFT_S}s)" | tee -a "$OUT/steps.log"
 fi
 if [ -f "$OUT/eval/results.json" ]; then
