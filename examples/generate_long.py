@@ -14,8 +14,22 @@ import argparse
 
 import torch
 
+from transformers import LlamaConfig, LlamaForCausalLM
+
 import mif_compile
-from quickstart import model_and_prompt, timed
+from quickstart import timed
+
+
+def model_and_prompt(device: str, seq_len: int | None, gpu_len: int) -> tuple[LlamaForCausalLM, torch.Tensor]:
+    """A small random-weight Llama (bf16 on a GPU, fp32 on CPU) and a random prompt of ``seq_len``
+    tokens (default ``gpu_len`` on a GPU, 4096 on CPU)."""
+    n = seq_len or (gpu_len if device == "cuda" else 4096)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=1024, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1 << 20)
+    cfg._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(cfg).to(device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32).eval()
+    return model, torch.randint(0, 1024, (1, n), device=device)
 
 
 def ttft_and_tokens(model, ids, new_tokens: int, device: str):

@@ -1,11 +1,12 @@
 """Accuracy of sparse prefill against dense on any HF causal LM: ``python -m mif_compile.evaluate``.
 
-    python -m mif_compile.evaluate --model builtin --lengths 2048,4096,8192 --out benchmarks/results/eval_x
-    python -m mif_compile.evaluate --model PATH --text book.txt --lengths 32768,65536 --config plan.json
+    python -m mif_compile.evaluate --model builtin --lengths 65536,131072 --out benchmarks/results/eval_x
+    python -m mif_compile.evaluate --model PATH --text book.txt --lengths 65536,131072 --config plan.json
 
-For each *run* (dense; ``ours``: the minference backend with the given plan/pattern; the baselines
-``a_shape`` (A-shape on every head, the static pattern) and ``block_sparse``) the same inputs go
-through the model and one table is printed, a row per (length, run):
+For each *run* (dense; ``ours``: the minference backend with the given plan/pattern; ``ours_adaptive``:
+the same with the backend setting ``mass`` (the adaptive index); the baselines ``a_shape`` (A-shape on
+every head, the static pattern) and ``block_sparse``, by default at the kept density ``ours`` measured
+at each length) the same inputs go through the model and one table is printed, a row per (length, run):
 
 - needle in a haystack: one fact at depths 0-100% of the haystack, exact match of the answer
   (also drawn as a depth x length heatmap per run, ``needle.png``);
@@ -17,11 +18,12 @@ through the model and one table is printed, a row per (length, run):
 Answers are scored in the same forward as the prompt (teacher forcing): an answer counts when the
 argmax at each of its positions is its next token, which is what greedy decoding would produce
 under the same attention. The op runs dense below ``min_seq_len`` (default 32768) and when an
-estimated index keeps more than ``max_density`` (0.6) of the pairs; to see sparse behaviour at
-the short lengths of an evaluation the sparse runs pass ``min_seq_len=0, max_density=1.0`` unless
-``--op-defaults`` is given, and the output says which. Logits come from the decoder's last hidden
-state through the output embedding (models with final logit soft-capping are scored without it).
-"""
+estimated index keeps more than ``max_density`` (0.6) of the pairs. ``--op-settings default`` keeps
+these (nothing is overridden: what a user of ``torch.compile(model, backend="minference")`` gets);
+``forced`` passes ``min_seq_len=0, max_density=1.0`` to see sparse behaviour at short lengths;
+``auto`` (the default) is ``default`` when every length is at least 32768, else ``forced``; the
+output says which. Logits come from the decoder's last hidden state through the output embedding
+(models with final logit soft-capping are scored without it)."""
 
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ import dataclasses
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from typing import Any, Sequence
@@ -37,40 +40,176 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from .config import BackendConfig, ConfigError, HeadPattern, ModelPlan
+from .config import BackendConfig, ConfigError, HeadPattern, ModelPlan, Pattern, check_mass
 from .tasks import ByteTokenizer, HFTokenizer, SymbolFormat, TextFormat, load_text, multikey_sample, needle_sample, \
     text_window
 
-__all__ = ["Run", "default_runs", "load_model", "evaluate", "format_table", "plot_needle", "main", "BUILTIN"]
+__all__ = ["Run", "default_runs", "op_settings", "overrides", "match_budget", "load_model", "evaluate", "format_table",
+           "format_markdown", "merge_results", "plot_needle", "main", "BUILTIN"]
 
 BUILTIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "retrieval-llama")
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """One way to run the model: ``cfg=None`` is plain dense SDPA, otherwise the minference backend."""
+    """One way to run the model: ``cfg=None`` is plain dense SDPA, otherwise the minference backend.
+
+    ``match``: the name of an earlier run whose measured kept density this run matches at every
+    length; ``cfg``'s default pattern (A-shape or block-sparse on every head) is then a template whose
+    budget is chosen per length (:func:`match_budget`): A-shape keeps ``n_init`` and chooses
+    ``n_local``, block-sparse chooses ``top_k``."""
 
     name: str
     cfg: BackendConfig | None = None
+    match: str | None = None
+
+
+OP_SETTINGS = ("auto", "default", "forced")
+FORCED = {"min_seq_len": 0, "max_density": 1.0}  # what "forced" changes: the sparse path at every length
+
+
+def op_settings(mode: str, lengths: Sequence[int]) -> str:
+    """``default`` (the op's own settings: dense below ``min_seq_len`` 32768, dense fallback above
+    ``max_density`` 0.6) or ``forced`` (min_seq_len=0, max_density=1.0: the sparse path at every
+    length); ``auto``: default when every length is at least the op's ``min_seq_len``, else forced."""
+    if mode not in OP_SETTINGS:
+        raise ConfigError(f"--op-settings {mode!r}: expected one of {', '.join(OP_SETTINGS)}")
+    if mode == "auto":
+        return "default" if min(lengths) >= BackendConfig().min_seq_len else "forced"
+    return mode
 
 
 def default_runs(cfg: BackendConfig | None = None, *, a_shape: tuple[int, int] | None = (128, 3968),
-                 block_sparse: int | None = 100, op_defaults: bool = False) -> list[Run]:
-    """dense, ours (``cfg``, default: the backend's defaults), A-shape and block-sparse everywhere."""
+                 block_sparse: int | None = 100, op_defaults: bool = False, adaptive: float | None = None,
+                 match: str | None = None) -> list[Run]:
+    """dense, ours (``cfg``, default: the backend's defaults), A-shape and block-sparse everywhere.
+
+    ``op_defaults``: the sparse runs keep ``cfg``'s ``min_seq_len`` and ``max_density`` (for
+    ``BackendConfig()``: the op's defaults, nothing overridden); otherwise they run with
+    min_seq_len=0, max_density=1.0. ``adaptive``: also ``ours_adaptive``, ours with the backend
+    setting ``mass=adaptive`` (the adaptive index; only when the plan has vertical-slash heads).
+    ``match``: ``"ours"`` or ``"ours_adaptive"``: the baselines' budgets are chosen at each length to
+    keep that run's measured density (``a_shape``'s ``n_init`` and the values given here are then
+    the templates; see :class:`Run`)."""
     cfg = cfg or BackendConfig()
     if not op_defaults:
-        cfg = dataclasses.replace(cfg, min_seq_len=0, max_density=1.0)
+        cfg = dataclasses.replace(cfg, **FORCED)
     runs = [Run("dense"), Run("ours", cfg)]
+    heads = [cfg.plan.default] if cfg.plan.layers is None else [hp for layer in cfg.plan.layers for hp in layer]
+    if adaptive is not None and any(hp.pattern is Pattern.VERTICAL_SLASH for hp in heads):
+        runs.append(Run("ours_adaptive", dataclasses.replace(cfg, mass=check_mass(adaptive, "adaptive mass"))))
+    if match is not None and match not in {r.name for r in runs}:
+        raise ConfigError(f"--match-density {match!r}: no such run (runs: {', '.join(r.name for r in runs[1:])})")
+    base = dataclasses.replace(cfg, mass=None)
     if a_shape:
-        runs.append(Run("a_shape", _uniform(cfg, HeadPattern.a_shape(*a_shape))))
+        runs.append(Run("a_shape", _uniform(base, HeadPattern.a_shape(*a_shape)), match))
     if block_sparse:
-        runs.append(Run("block_sparse", _uniform(cfg, HeadPattern.block_sparse(block_sparse))))
+        runs.append(Run("block_sparse", _uniform(base, HeadPattern.block_sparse(block_sparse)), match))
     return runs
 
 
 def _uniform(cfg: BackendConfig, head: HeadPattern) -> BackendConfig:
     """``cfg``'s settings with ``head`` on every head of every layer."""
     return dataclasses.replace(cfg, plan=ModelPlan(None, head), default_pattern=head)
+
+
+def overrides(cfg: BackendConfig | None) -> dict[str, Any] | None:
+    """The settings of ``cfg`` that differ from the backend's defaults (``BackendConfig()``), the
+    plan and default pattern as their descriptions; ``{}``: the op runs exactly as a user's
+    ``torch.compile(model, backend="minference")`` does. None for the dense run."""
+    if cfg is None:
+        return None
+    base, out = BackendConfig(), {}
+    for f in dataclasses.fields(BackendConfig):
+        value = getattr(cfg, f.name)
+        if value == getattr(base, f.name):
+            continue
+        if f.name in ("plan", "default_pattern"):
+            if f.name == "plan" and cfg.plan.layers is None:
+                continue  # a uniform plan is its default pattern
+            value = "per-layer plan" if f.name == "plan" else value.describe()
+        out[f.name] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# baselines at a given kept density
+
+
+def _density_of(head: HeadPattern, qk: Sequence[tuple], cfg: BackendConfig, impl: str) -> float:
+    """Mean over ``qk`` (per layer: q [B, H, N, D], k [B, Hkv, N, D], scale) of the kept density of
+    the index the op builds with ``head`` on every head."""
+    from .ops import build_layer_index, encode_heads, kept_density
+
+    out = []
+    for q, k, scale in qk:
+        codes, b0, b1 = encode_heads((head,) * q.shape[1])
+        index = build_layer_index(q, k, None, scale, codes, b0, b1, cfg.last_q, cfg.block_m, impl)
+        out.append(float(kept_density(index, q.shape[2], cfg.block_m)))
+    return sum(out) / len(out)
+
+
+def match_budget(template: HeadPattern, target: float, n: int, cfg: BackendConfig, *, qk: Sequence[tuple] | None = None,
+                 impl: str = "reference", device="cpu") -> tuple[HeadPattern, float]:
+    """The budget of ``template``'s pattern whose index keeps the share of causal pairs closest to
+    ``target`` at length ``n`` (the op's own index and ``kept_density``: the pairs of the tiles the
+    kernel computes, block size ``cfg.block_m``), the largest of equal density; returns (pattern,
+    its density). A-shape (``n_init`` kept, ``n_local`` chosen) does not depend on
+    the input; block-sparse (``top_k`` chosen) does, and is measured on ``qk``, the captured q/k of a
+    calibration prefill at length ``n`` (one (q, k, scale) per layer, averaged over layers). Density
+    grows with the budget, so this bisects: O(log n) index builds, each O(N) memory (block-sparse:
+    the op's pooled (N/64)^2 scores)."""
+    if not 0.0 <= target <= 1.0:
+        raise ValueError(f"target density {target!r} is not in [0, 1]")
+    if template.pattern is Pattern.A_SHAPE:
+        n_init = template.budget[0]
+        z = torch.zeros(1, 1, 1, 16, device=device).expand(1, 1, n, 16)  # read for its shape only: O(1) memory
+        make, lo, hi, probe = (lambda b: HeadPattern.a_shape(n_init, b)), 1, n, [(z, z, 1.0)]
+    elif template.pattern is Pattern.BLOCK_SPARSE:
+        if not qk:
+            raise ValueError("block-sparse density depends on the input: give the captured q/k (qk=)")
+        make, lo, hi, probe = HeadPattern.block_sparse, 1, math.ceil(n / 64), qk
+    else:
+        raise ConfigError(f"matching a kept density is for a_shape and block_sparse baselines, not "
+                          f"{template.pattern.value}")
+    memo: dict[int, float] = {}
+
+    def dens(b: int) -> float:
+        if b not in memo:
+            memo[b] = _density_of(make(b), probe, cfg, impl)
+        return memo[b]
+
+    a, b = lo, hi  # smallest budget reaching the target, then the closer of it and its predecessor
+    while a < b:
+        mid = (a + b) // 2
+        if dens(mid) >= target:
+            b = mid
+        else:
+            a = mid + 1
+    best = min((c for c in (a - 1, a) if lo <= c <= hi), key=lambda c: (abs(dens(c) - target), c))
+    # the largest budget of the same density (it computes the same pairs: e.g. every budget whose
+    # index covers all causal tiles has density 1)
+    a, b = best, hi
+    while a < b:
+        mid = (a + b + 1) // 2
+        if dens(mid) <= dens(best) + 1e-12:
+            a = mid
+        else:
+            b = mid - 1
+    return make(a), dens(a)
+
+
+def _capture_qk(model, ids: torch.Tensor, inductor: bool) -> list[tuple]:
+    """Per layer (q, k, scale) of one dense prefill of ``ids`` (the search's capture backend)."""
+    from .search import capture_backend, capture_qk
+
+    torch._dynamo.reset()
+    layers, heads = (model.config.num_hidden_layers, model.config.num_attention_heads)
+    fn = torch.compile(model.get_decoder(), backend=capture_backend(layers, heads, inductor=inductor))
+    with torch.no_grad(), capture_qk(store=True) as cap:
+        fn(input_ids=ids, use_cache=False)
+    torch._dynamo.reset()
+    return [cap.records[i] for i in sorted(cap.records)]
 
 
 def load_model(spec: str, device: str, dtype: torch.dtype):
@@ -199,34 +338,68 @@ def evaluate(model, fmt, tokenizer, runs: Sequence[Run], lengths: Sequence[int],
              progress: bool = True) -> dict[str, Any]:
     """Run every task at every length for every run on the same inputs; returns the results dict
     (``rows``: one per (length, run); ``needle``: run -> [depth][length] accuracy; ``runs``: per run
-    the backend's report and per-length, per-layer kept density). ``progress``: a tqdm bar on stderr
-    counting the tokens fed through the model, with its rate and time left. On CPU, sparse runs with
-    ``impl="auto"`` use the reference path (the op's "auto" runs dense there)."""
+    the backend's report, its settings that differ from the op's defaults, and per-length, per-layer
+    kept density). A run with ``match`` gets its budget at each length from the density that the
+    matched run measured there (``budget``, ``target_density`` in its rows). ``progress``: a tqdm bar
+    on stderr counting the tokens fed through the model, with its rate and time left. On CPU, sparse
+    runs with ``impl="auto"`` use the reference path (the op's "auto" runs dense there)."""
     from tqdm.auto import tqdm
 
     from .ops import collect_stats
 
+    names = [r.name for r in runs]
+    for i, r in enumerate(runs):
+        if names.count(r.name) > 1:
+            raise ValueError(f"two runs are named {r.name!r}")
+        if r.match is not None and (r.match not in names[:i] or runs[names.index(r.match)].cfg is None):
+            raise ValueError(f"run {r.name!r} matches the density of {r.match!r}, which is not an earlier sparse run")
     device = next(model.parameters()).device
     hay = tokenizer.encode(load_text(text) if text is not None else _text_for(fmt, lengths))
     depth_grid = [i / (depths - 1) for i in range(depths)] if depths > 1 else [0.5]
     res: dict[str, Any] = {"lengths": list(lengths), "depths": depth_grid, "keys": keys, "samples": samples,
-                           "format": fmt.name, "rows": [], "needle": {}, "runs": {}, "device": _device_name(device),
-                           "torch": torch.__version__, "haystack_tokens": len(hay)}
+                           "ppl_samples": ppl_samples, "format": fmt.name, "rows": [], "needle": {}, "runs": {},
+                           "device": _device_name(device), "torch": torch.__version__, "haystack_tokens": len(hay)}
     per_run = _planned_tokens(lengths, len(depth_grid), samples, ppl_samples, tasks)
     bar = tqdm(total=per_run * len(runs), unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True,
                mininterval=2.0, file=sys.stderr)
+
+    def mk_seed(n, k):  # the multi-key samples' seeds (the first is also the calibration input)
+        return seed * 1_000_003 + n * 13 + k + 500
+
     for run in runs:
-        runner = _Runner(model, run, inductor)
-        run = runner.run  # its settings as run (impl resolved for the device)
-        info = {"sparse_settings": None if run.cfg is None else {
-            "min_seq_len": run.cfg.min_seq_len, "max_density": run.cfg.max_density, "impl": run.cfg.impl,
-            "default_pattern": run.cfg.plan.default.describe(), "per_layer_plan": run.cfg.plan.layers is not None},
-            "density_per_layer": {}}
+        t_run = time.perf_counter()
+        runner = None if run.match else _Runner(model, run, inductor)
+        first = run if runner is None else runner.run  # its settings as run (impl resolved for the device)
+        cfg = _resolved(first.cfg, device)
+        info = {"sparse_settings": None if cfg is None else {
+            "min_seq_len": cfg.min_seq_len, "max_density": cfg.max_density, "impl": cfg.impl, "mass": cfg.mass,
+            "default_pattern": cfg.plan.default.describe(), "per_layer_plan": cfg.plan.layers is not None},
+            "overrides": overrides(cfg), "matches": run.match, "density_per_layer": {}, "budget": {}}
+        if run.match:
+            info["overrides"]["default_pattern"] = f"{cfg.plan.default.pattern.value}, budget chosen per length"
         heat = [[None] * len(lengths) for _ in depth_grid]
         for li, n in enumerate(lengths):
-            bar.set_description(f"{run.name} {n}")
             bsz = max(1, batch_tokens // n)
             row: dict[str, Any] = {"length": n, "run": run.name}
+            if run.match:
+                target = next((r for r in res["rows"] if r["run"] == run.match and r["length"] == n), {}).get("density")
+                if target is None:
+                    raise ValueError(f"run {run.name!r}: {run.match!r} measured no density at {n}")
+                bar.set_description(f"{run.name} {n}: choosing the budget")
+                template = cfg.plan.default
+                qk = None
+                if template.pattern is Pattern.BLOCK_SPARSE:
+                    calib = (multikey_sample(fmt, hay, n, keys, mk_seed(n, 0)).ids if "multikey" in tasks
+                             else text_window(fmt, hay, n, seed * 1_000_003 + n + 900))
+                    qk = _capture_qk(model, torch.tensor([calib], device=device), inductor)
+                head, calib_density = match_budget(template, target, n, cfg, qk=qk, impl=_index_impl(cfg, device),
+                                                   device=device)
+                del qk
+                runner = _Runner(model, Run(run.name, _uniform(cfg, head)), inductor)
+                row["target_density"], row["calibration_density"] = target, calib_density
+            bar.set_description(f"{run.name} {n}")
+            row["budget"] = _budget_text(runner.run.cfg)
+            info["budget"][str(n)] = row["budget"]
             times, stats, n_fwd = [], [], 0
 
             def fwd(tokens, fn, *a):
@@ -236,7 +409,7 @@ def evaluate(model, fmt, tokenizer, runs: Sequence[Run], lengths: Sequence[int],
                 with collect_stats() as st:
                     r = fn(*a)
                 _sync(device)
-                times.append(time.perf_counter() - t)
+                times.append(((time.perf_counter() - t), tokens // n))
                 bar.update(tokens)
                 stats.extend(st)
                 n_fwd += 1
@@ -253,7 +426,7 @@ def evaluate(model, fmt, tokenizer, runs: Sequence[Run], lengths: Sequence[int],
                     heat[d][li] = sum(hits[d]) / len(hits[d])
                 row["needle"] = sum(map(sum, hits)) / sum(map(len, hits))
             if "multikey" in tasks:
-                items = [multikey_sample(fmt, hay, n, keys, seed * 1_000_003 + n * 13 + k + 500) for k in range(samples)]
+                items = [multikey_sample(fmt, hay, n, keys, mk_seed(n, k)) for k in range(samples)]
                 oks = []
                 for chunk in _batches(items, bsz):
                     for ok in fwd(n * len(chunk), _score, runner, chunk, device):
@@ -267,25 +440,58 @@ def evaluate(model, fmt, tokenizer, runs: Sequence[Run], lengths: Sequence[int],
                     nll += fwd(ids.numel(), lambda x: runner.nll_sum(runner.hidden(x), x), ids)
                     cnt += ids.shape[0] * (ids.shape[1] - 1)
                 row["ppl"] = math.exp(nll / cnt)
-            row["time_s"] = sum(times)
+            row["time_s"] = sum(t for t, _ in times)
             row["forwards"] = n_fwd
+            # one sequence's forward: the median after the cell's first forward (which compiles or
+            # recompiles and warms up the kernels), each divided by its batch size
+            warm = times[1:] or times
+            row["fwd_ms"] = 1e3 * statistics.median(t / b for t, b in warm)
+            row["fwd_warm"] = len(times) > 1
             if stats:
-                row["density"] = sum(s["density"] for s in stats) / len(stats)
+                # kept density as run: a layer that fell back to dense (max_density) computed every pair
+                ran = [1.0 if s["fell_back_to_dense"] else s["density"] for s in stats]
+                row["density"] = sum(ran) / len(ran)
                 row["fallback"] = sum(s["fell_back_to_dense"] for s in stats) / len(stats)
+                if row["fallback"]:
+                    row["density_estimated"] = sum(s["density"] for s in stats) / len(stats)
                 per = len(stats) // max(1, n_fwd)
                 if per and per * n_fwd == len(stats):
                     info["density_per_layer"][str(n)] = [
-                        round(sum(stats[f * per + layer]["density"] for f in range(n_fwd)) / n_fwd, 4) for layer in range(per)]
+                        round(sum(ran[f * per + layer] for f in range(n_fwd)) / n_fwd, 4) for layer in range(per)]
             elif run.cfg is not None:
                 row["density"], row["fallback"] = 1.0, 1.0  # the op never went sparse (below min_seq_len)
             res["rows"].append(row)
             log(_format_row(row, res["rows"]))
         info["report"] = runner.report
+        info["wall_s"] = time.perf_counter() - t_run
         res["runs"][run.name] = info
         if "needle" in tasks:
             res["needle"][run.name] = heat
     bar.close()
     return res
+
+
+def _resolved(cfg: BackendConfig | None, device) -> BackendConfig | None:
+    """``cfg`` as :class:`_Runner` runs it (``impl="auto"`` is the reference on CPU)."""
+    if cfg is not None and cfg.impl == "auto" and torch.device(device).type == "cpu":
+        return dataclasses.replace(cfg, impl="reference")
+    return cfg
+
+
+def _index_impl(cfg: BackendConfig, device) -> str:
+    return "reference" if torch.device(device).type == "cpu" else cfg.impl
+
+
+def _budget_text(cfg: BackendConfig | None) -> str:
+    """The pattern a run used, for the table: ``-`` (dense), its uniform pattern, or a plan."""
+    if cfg is None:
+        return "-"
+    if cfg.plan.layers is not None:
+        return "per-layer plan" + (f", mass={cfg.mass:g}" if cfg.mass is not None else "")
+    head = cfg.plan.default
+    if cfg.mass is not None and head.pattern is Pattern.VERTICAL_SLASH and head.mass is None:
+        head = dataclasses.replace(head, mass=cfg.mass)
+    return head.describe()
 
 
 def _text_for(fmt, lengths) -> str:
@@ -303,15 +509,20 @@ def _device_name(device) -> str:
 # ---------------------------------------------------------------------------------------------
 # output
 
-_COLS = [("length", "length", "{:>7d}"), ("run", "run", "{:<12}"), ("needle", "needle", "{:>6.1%}"),
+_COLS = [("length", "length", "{:>7d}"), ("run", "run", "{:<13}"), ("needle", "needle", "{:>6.1%}"),
          ("multikey", "multikey", "{:>8.1%}"), ("ppl", "ppl", "{:>8.4f}"), ("dppl", "d_ppl", "{:>+8.4f}"),
-         ("density", "density", "{:>7.3f}"), ("fallback", "fallback", "{:>8.0%}"), ("time_s", "time_s", "{:>7.2f}")]
+         ("density", "density", "{:>7.3f}"), ("fallback", "fallback", "{:>8.0%}"), ("fwd_ms", "fwd_ms", "{:>8.1f}"),
+         ("time_s", "time_s", "{:>7.2f}"), ("budget", "budget", "{}")]
+
+
+def _width(fmt_: str) -> int:
+    return len(fmt_.format(*([0] if fmt_[-2] in "df%" else [""])))
 
 
 def _cell(row: dict, key: str, fmt_: str, rows: list) -> str:
-    width = len(fmt_.format(*([0] if "d" in fmt_ or "f" in fmt_ or "%" in fmt_ else [""])))
+    width = _width(fmt_)
     if key == "dppl":
-        dense = next((r for r in rows if r["run"] == "dense" and r["length"] == row["length"]), None)
+        dense = _dense_row(row, rows)
         if dense is None or "ppl" not in row or "ppl" not in dense:
             return "-".rjust(width)
         return fmt_.format(row["ppl"] - dense["ppl"])
@@ -320,21 +531,93 @@ def _cell(row: dict, key: str, fmt_: str, rows: list) -> str:
     return fmt_.format(row[key])
 
 
+def _dense_row(row: dict, rows: list) -> dict | None:
+    return next((r for r in rows if r["run"] == "dense" and r["length"] == row["length"]), None)
+
+
 def _header() -> str:
-    return " ".join(name.rjust(len(f.format(*([0] if f[-2] in "df%" else [""])))) if key != "run" else name.ljust(12)
+    return " ".join(name.rjust(_width(f)) if key not in ("run", "budget") else name.ljust(_width(f))
                     for key, name, f in _COLS)
 
 
 def _format_row(row: dict, rows: list) -> str:
-    return " ".join(_cell(row, key, f, rows) for key, _, f in _COLS)
+    return " ".join(_cell(row, key, f, rows) for key, _, f in _COLS).rstrip()
+
+
+def _sorted_rows(res: dict) -> list:
+    order = list(res["runs"])
+    return sorted(res["rows"], key=lambda r: (r["length"], order.index(r["run"]) if r["run"] in order else len(order)))
 
 
 def format_table(res: dict) -> str:
-    """The results as one text table (a row per length and run), with the backend's reports."""
-    lines = [_header()]
-    for r in sorted(res["rows"], key=lambda r: (r["length"], list(res["runs"]).index(r["run"]))):
-        lines.append(_format_row(r, res["rows"]))
-    return "\n".join(lines)
+    """The results as one text table (a row per length and run)."""
+    return "\n".join([_header()] + [_format_row(r, res["rows"]) for r in _sorted_rows(res)])
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{x:.1%}"
+
+
+def format_markdown(res: dict) -> str:
+    """The results as a markdown table (a row per length and run; budgets as used, and for runs at
+    a matched density the density they were matched to), with a line saying how it was run: the
+    README's tables are this output, pasted."""
+    lines = ["| length | run | pattern (budget) | needle | multi-key | ppl (vs dense) | kept density | ms / forward "
+             "| time s |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in _sorted_rows(res):
+        dense = _dense_row(r, res["rows"])
+        ppl = "-" if "ppl" not in r else f"{r['ppl']:.4f}"
+        if "ppl" in r and dense is not None and r is not dense and dense.get("ppl"):
+            ppl += f" ({(r['ppl'] / dense['ppl'] - 1):+.2%})"
+        dens = "-" if r["run"] == "dense" or "density" not in r else f"{r['density']:.3f}"
+        if r.get("fallback"):
+            dens += f" ({r['fallback']:.0%} dense fallback)"
+        budget = r.get("budget", "-")
+        if "target_density" in r:
+            budget += f", at the density of {res['runs'][r['run']]['matches']} ({r['target_density']:.3f})"
+        n = r["length"]
+        size = f"{n // 1024}K" if n % 1024 == 0 else str(n)
+        lines.append(f"| {size} | {r['run']} | {budget} | {_pct(r.get('needle'))} | {_pct(r.get('multikey'))} | {ppl} "
+                     f"| {dens} | {r['fwd_ms']:.1f} | {r['time_s']:.1f} |")
+    return "\n".join(lines) + "\n\n" + _how(res) + "\n"
+
+
+def _how(res: dict) -> str:
+    """One paragraph: device, samples, settings of the sparse runs."""
+    s = (f"{res['device']}, torch {res['torch']}, {res.get('dtype', '')}; needle {len(res['depths'])} depths x "
+         f"{res['samples']} sample(s), multi-key {res['keys']} keys x {res['samples']} sample(s), perplexity "
+         f"{res.get('ppl_samples', '?')} window(s) of the haystack text per length. ")
+    s += res.get("note", "") + ". " if res.get("note") else ""
+    s += ("ms / forward: median time of one sequence's forward after the first of each cell (which compiles); "
+          "time s: all forwards of the cell.")
+    return s
+
+
+def merge_results(parts: Sequence[dict]) -> dict:
+    """One results dict from evaluations of the same runs at different lengths (e.g. a GPU job that
+    runs the longest length in a separate, time-boxed call): rows, lengths and needle columns are
+    concatenated, per-length entries of each run joined."""
+    if not parts:
+        raise ValueError("nothing to merge")
+    out = json.loads(json.dumps(parts[0]))  # a deep copy
+    for res in parts[1:]:
+        if list(res["runs"]) != list(out["runs"]) or res["depths"] != out["depths"]:
+            raise ValueError(f"cannot merge: runs {list(res['runs'])} / depths {len(res['depths'])} differ from "
+                             f"{list(out['runs'])} / {len(out['depths'])}")
+        dup = set(res["lengths"]) & set(out["lengths"])
+        if dup:
+            raise ValueError(f"cannot merge: length(s) {sorted(dup)} are in more than one result")
+        out["lengths"] += res["lengths"]
+        out["rows"] += res["rows"]
+        for name, heat in res.get("needle", {}).items():
+            for line, more in zip(out["needle"][name], heat):
+                line += more
+        for name, info in res["runs"].items():
+            mine = out["runs"][name]
+            for key in ("density_per_layer", "budget"):
+                mine.setdefault(key, {}).update(info.get(key, {}))
+            mine["wall_s"] = mine.get("wall_s", 0) + info.get("wall_s", 0)
+    return out
 
 
 def describe(res: dict) -> str:
@@ -345,9 +628,17 @@ def describe(res: dict) -> str:
         if s is None:
             lines.append(f"{name}: dense SDPA (the model as it is)")
             continue
-        lines.append(f"{name}: minference backend, default pattern {s['default_pattern']}"
-                     f"{' + per-layer plan' if s['per_layer_plan'] else ''}, min_seq_len={s['min_seq_len']}, "
-                     f"max_density={s['max_density']}, impl={s['impl']}")
+        ov = info.get("overrides") or {}
+        shown = ", ".join(f"{k}={v}" for k, v in ov.items()) or "none: the op's defaults"
+        what = (f"{s['default_pattern'].split('(')[0]} with its budget chosen at each length to keep the "
+                f"kept density of {info['matches']}" if info.get("matches") else f"default pattern {s['default_pattern']}"
+                f"{' + per-layer plan' if s['per_layer_plan'] else ''}")
+        lines.append(f"{name}: minference backend, {what}; min_seq_len={s['min_seq_len']}, max_density={s['max_density']}, "
+                     f"impl={s['impl']}" + (f", mass={s['mass']:g}" if s.get("mass") is not None else "")
+                     + f"; settings changed from the op's defaults: {shown}; {info.get('wall_s', 0):.1f} s in all")
+        if info.get("matches"):
+            for n, b in info["budget"].items():
+                lines.append(f"  budget at {n}: {b}")
         for n, dens in info["density_per_layer"].items():
             lines.append(f"  kept density per layer at {n}: " + " ".join(f"{d:.3f}" for d in dens))
     return "\n".join(lines)
@@ -412,10 +703,24 @@ def _parse(argv, prog: str = "python -m mif_compile.evaluate"):
     p.add_argument("--pattern", default=None, help="our default pattern, e.g. vertical_slash:1000,6096 "
                                                    "(default: the backend's default)")
     p.add_argument("--baselines", default="a_shape,block_sparse", help="comma list of a_shape, block_sparse, or ''")
-    p.add_argument("--a-shape", type=_pair, default=(128, 3968), help="n_init,n_local of the A-shape baseline")
-    p.add_argument("--block-sparse", type=number(int, 1), default=100, help="top_k of the block-sparse baseline")
-    p.add_argument("--op-defaults", action="store_true",
-                   help="keep the op's min_seq_len (32768) and max_density (0.6) instead of 0 and 1.0")
+    p.add_argument("--op-settings", default="auto", choices=OP_SETTINGS,
+                   help="default: the sparse runs use the op's own settings, nothing overridden (dense below "
+                        "min_seq_len 32768, dense fallback above max_density 0.6), as torch.compile(model, "
+                        "backend='minference') runs; forced: min_seq_len=0, max_density=1.0, the sparse path at "
+                        "every length; auto (default): 'default' when every length is >= 32768, else 'forced'")
+    p.add_argument("--op-defaults", dest="op_settings", action="store_const", const="default",
+                   help="the same as --op-settings default")
+    p.add_argument("--adaptive", type=_mass_or_off, default=0.99,
+                   help="also run ours with the adaptive index, the backend setting mass=MASS (default 0.99; "
+                        "'off': not run)")
+    p.add_argument("--match-density", default="ours", choices=("ours", "ours_adaptive", "off"),
+                   help="choose the baselines' budgets at each length so that they keep the kept density that "
+                        "this run measured there (default ours; A-shape keeps --a-shape's n_init and chooses "
+                        "n_local, block-sparse chooses top_k); off: the fixed --a-shape and --block-sparse budgets")
+    p.add_argument("--a-shape", type=_pair, default=(128, 3968),
+                   help="n_init,n_local of the A-shape baseline (with --match-density: n_init only)")
+    p.add_argument("--block-sparse", type=number(int, 1), default=100,
+                   help="top_k of the block-sparse baseline (with --match-density: not used)")
     p.add_argument("--impl", default="auto", choices=("auto", "triton", "reference"))
     p.add_argument("--inductor", action="store_true", help="compile the rest of the graph with Inductor (slower start)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -425,6 +730,15 @@ def _parse(argv, prog: str = "python -m mif_compile.evaluate"):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="folder for results.json, table.txt and needle.png (the heatmap needs matplotlib)")
     return p.parse_args(argv)
+
+
+def _mass_or_off(text: str) -> float | None:
+    if text == "off":
+        return None
+    try:
+        return check_mass(float(text), "mass")
+    except (ValueError, ConfigError):
+        raise argparse.ArgumentTypeError(f"expected a mass in (0, 1] or 'off', got {text!r}") from None
 
 
 def _pattern(spec: str) -> HeadPattern:
@@ -452,6 +766,11 @@ def run_cli(args) -> dict:
     tasks = tuple(filter(None, args.tasks.split(",")))
     if not tasks or set(tasks) - {"needle", "multikey", "ppl"}:
         raise ConfigError(f"--tasks {args.tasks!r}: expected a comma list of needle, multikey, ppl")
+    lengths = list(args.lengths)
+    settings = op_settings(args.op_settings, lengths)
+    match = None if args.match_density == "off" else args.match_density
+    if match == "ours_adaptive" and args.adaptive is None:
+        raise ConfigError("--match-density ours_adaptive needs the adaptive run: give --adaptive MASS, not off")
     if args.model != "builtin":
         check_model_folder(args.model)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
@@ -461,12 +780,17 @@ def run_cli(args) -> dict:
     except ConfigError as e:
         raise ConfigError(f"--config {args.config!r} with --model {args.model!r}: {e}") from None
     runs = default_runs(cfg, a_shape=args.a_shape if "a_shape" in base else None,
-                        block_sparse=args.block_sparse if "block_sparse" in base else None, op_defaults=args.op_defaults)
-    lengths = list(args.lengths)
-    note = ("sparse runs keep the op's defaults min_seq_len=32768, max_density=0.6" if args.op_defaults else
-            "sparse runs use min_seq_len=0 and max_density=1.0 (not the op's defaults 32768 and 0.6, which would run "
-            "these lengths dense)")
-    tasks = tuple(args.tasks.split(","))
+                        block_sparse=args.block_sparse if "block_sparse" in base else None,
+                        op_defaults=settings == "default", adaptive=args.adaptive, match=match if base else None)
+    if settings == "default":
+        note = ("sparse runs use the op's default settings (min_seq_len=32768, max_density=0.6; nothing "
+                "overridden" + (", except impl=reference on CPU" if not args.device.startswith("cuda") else "") + ")"
+                + ("; lengths below 32768 run dense" if min(lengths) < 32768 else ""))
+    else:
+        note = ("sparse runs use min_seq_len=0 and max_density=1.0 (forced; the op's defaults 32768 and 0.6 would "
+                f"run {'these lengths' if max(lengths) < 32768 else 'lengths below 32768'} dense)")
+    if match and base:
+        note += f"; baselines at the kept density of {match}, budget chosen per length"
     tokens = _planned_tokens(lengths, args.depths if args.depths > 1 else 1, args.samples, args.ppl_samples, tasks)
     print(f"model {args.model} ({fmt.name} format) on {args.device} {dtype}; {note}", flush=True)
     print(f"{len(runs)} runs ({', '.join(r.name for r in runs)}) x {tokens:,} tokens each; progress and time left "
@@ -488,7 +812,9 @@ def run_cli(args) -> dict:
             json.dump(res, f, indent=1)
         with open(os.path.join(args.out, "table.txt"), "w") as f:
             f.write(f"model {args.model}; {note}\n{format_table(res)}\n{describe(res)}\n")
-        written = ["results.json", "table.txt"]
+        with open(os.path.join(args.out, "table.md"), "w") as f:
+            f.write(f"Model `{args.model}`.\n\n{format_markdown(res)}")
+        written = ["results.json", "table.txt", "table.md"]
         if "needle" in tasks:
             try:
                 plot_needle(res, os.path.join(args.out, "needle.png"))

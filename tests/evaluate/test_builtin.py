@@ -46,7 +46,8 @@ def test_full_coverage_backend_matches_dense(builtin):
 def test_cli_writes_table_json_and_heatmap(tmp_path, capsys):
     out = tmp_path / "eval"
     rc = main(["--model", "builtin", "--lengths", "512", "--depths", "2", "--samples", "1", "--keys", "4",
-               "--ppl-samples", "1", "--baselines", "a_shape", "--a-shape", "16,64", "--out", str(out)])
+               "--ppl-samples", "1", "--baselines", "a_shape", "--a-shape", "16,64", "--adaptive", "off",
+               "--match-density", "off", "--out", str(out)])
     assert rc == 0
     captured = capsys.readouterr()
     printed = captured.out
@@ -59,7 +60,7 @@ def test_cli_writes_table_json_and_heatmap(tmp_path, capsys):
     assert [r["run"] for r in res["rows"]] == ["dense", "ours", "a_shape"]
     a_shape = res["rows"][2]
     assert a_shape["density"] < res["rows"][1]["density"] == 1.0 and res["runs"]["a_shape"]["density_per_layer"]["512"]
-    assert (out / "needle.png").stat().st_size > 1000 and (out / "table.txt").exists()
+    assert (out / "needle.png").stat().st_size > 1000 and (out / "table.txt").exists() and (out / "table.md").exists()
 
 
 def test_cli_out_without_matplotlib(tmp_path, capsys, monkeypatch):
@@ -69,11 +70,11 @@ def test_cli_out_without_matplotlib(tmp_path, capsys, monkeypatch):
         monkeypatch.setitem(sys.modules, mod, None)  # import fails as when it is not installed
     out = tmp_path / "eval"
     rc = main(["--model", "builtin", "--lengths", "256", "--depths", "2", "--samples", "1", "--tasks", "needle",
-               "--baselines", "", "--out", str(out)])
+               "--baselines", "", "--adaptive", "off", "--out", str(out)])
     printed = capsys.readouterr().out
     assert rc == 0, printed
     assert "needle.png not drawn: it needs matplotlib (pip install matplotlib)" in printed
-    assert "wrote results.json, table.txt to" in printed
+    assert "wrote results.json, table.txt, table.md to" in printed
     assert json.loads((out / "results.json").read_text())["rows"] and (out / "table.txt").exists()
     assert not (out / "needle.png").exists()
 
