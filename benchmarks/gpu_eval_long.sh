@@ -85,7 +85,9 @@ eval_at() {  # eval_at DIR LENGTHS TIMEOUT
   return $rc
 }
 
-eval_at eval "$LENGTHS" 300
+left=$((TOTAL_S - (SECONDS - START)))
+limit=$(( left < 300 ? left : 300 )); limit=$(( limit < 60 ? 60 : limit ))
+eval_at eval "$LENGTHS" "$limit"
 parts=("$OUT/eval/results.json")
 left=$((TOTAL_S - (SECONDS - START)))
 if [ -n "$LONG_LENGTHS" ] && [ "$left" -ge "$MIN_LEFT_S" ]; then
