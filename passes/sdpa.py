@@ -10,6 +10,11 @@ on a plain q/k/v function) is fine: the op expands a uniform plan to the run-tim
 a per-head one. Nothing the op reads instead of the original (the padding tensor, k/v before
 ``repeat_kv``) may be written in place anywhere in the graph. Everything else stays as it was, with
 the reason recorded in a :class:`Site`.
+
+With KV-cache compression (:class:`KvCompression`, the backend's ``kv_budget``), a rewritten prefill
+whose keys and values are a Hugging Face cache layer's ``torch.cat`` results that the graph returns
+(``DynamicLayer.update``; Dynamo writes them back to the cache) gets the op that also returns the kept
+k/v, and the graph returns those instead; each site's ``kv`` line says what was done, or why not.
 """
 
 from __future__ import annotations
