@@ -2,11 +2,12 @@
 
     model = torch.compile(model, backend="minference")
 
-Importing this package registers the custom op ``torch.ops.mif.sparse_attention`` and nothing
+Importing this package registers the custom ops ``torch.ops.mif.sparse_attention`` (and
+``sparse_attention_snapkv``) and nothing
 else: no CUDA initialisation, no Triton kernel is compiled or imported.
 """
 
-from . import ops  # noqa: F401  (registers torch.ops.mif.sparse_attention once)
+from . import kvcache, ops  # noqa: F401  (registers torch.ops.mif.sparse_attention and _snapkv once)
 from .backend import backend, minference
 from .config import BackendConfig, ConfigError, HeadPattern, ModelPlan, Pattern, load_plan, save_plan
 from .report import CompileReport, clear_reports, last_report, reports

@@ -8,6 +8,7 @@ graph to Inductor. :func:`backend` builds the same compiler function from Python
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -31,12 +32,14 @@ def _make_call(cfg: BackendConfig, graph_id: int, site_ids: list):
         mass = encode_mass(f["heads"])
         site = register_site(graph_id, f["layer"], None)  # where the op records what it ran
         site_ids.append(site)
-        return graph.call_function(
-            torch.ops.mif.sparse_attention.default,
-            (f["q"], f["k"], f["v"], f["padding"], f["scale"], codes, b0, b1,
-             cfg.min_seq_len, cfg.last_q, cfg.block_m, cfg.impl, cfg.max_density,
-             mass if any(mass) else None, site),
-        )
+        args = (f["q"], f["k"], f["v"], f["padding"], f["scale"], codes, b0, b1,
+                cfg.min_seq_len, cfg.last_q, cfg.block_m, cfg.impl, cfg.max_density,
+                mass if any(mass) else None, site)
+        kv = f.get("kv")
+        if kv is not None:  # the layer's attention and its compressed cache (mif_compile.kvcache)
+            return graph.call_function(torch.ops.mif.sparse_attention_snapkv.default,
+                                       args + (kv.budget, kv.window, kv.pool))
+        return graph.call_function(torch.ops.mif.sparse_attention.default, args)
 
     return make_call
 
@@ -61,7 +64,8 @@ def _plan_for(cfg: BackendConfig, tp: Any = None, rank_heads: dict | None = None
         heads, held = layer_heads(plan, layer, num_heads, tp)  # raises ConfigError naming layer/head/value
         if held is not None and rank_heads is not None:
             rank_heads[layer] = held
-        if all(hp.pattern is Pattern.DENSE for hp in heads):
+        if all(hp.pattern is Pattern.DENSE for hp in heads) and cfg.kv_budget is None:
+            # with kv_budget the pass still rewrites it where it compresses the cache (the op runs dense)
             return f"the plan makes every head of layer {layer} dense"
         heads = with_mass(heads, cfg.mass)
         if symbolic and plan.layers is None:
@@ -100,6 +104,19 @@ def _cudagraphs_off_reason(sites: list, prefill_cudagraphs: bool) -> str | None:
     )
 
 
+def _kv_settings(cfg: BackendConfig):
+    """The pass's KV-cache compression settings, or None when ``kv_budget`` is off. Dynamo guards on
+    grad mode, so a graph traced with grad on (training) is compiled without compression."""
+    from .passes import KvCompression
+
+    if cfg.kv_budget is None:
+        return None
+    off = None
+    if torch.is_grad_enabled():
+        off = "grad mode is on (compression is for inference: run generate() or use torch.no_grad())"
+    return KvCompression(cfg.kv_budget, cfg.kv_window_used, cfg.kv_pool_used, off)
+
+
 def _inductor_patches(mode: str | None) -> dict:
     if not mode:
         return {}
@@ -118,13 +135,14 @@ def compile_graph(
     SDPA query of length 1) and graphs without attention get them; prefill graphs, rewritten or not,
     are compiled without them unless ``prefill_cudagraphs``, and the report says so.
     """
-    from . import ops  # noqa: F401  (registers torch.ops.mif.sparse_attention)
+    from . import kvcache, ops  # noqa: F401  (registers torch.ops.mif.sparse_attention and _snapkv)
     from .distributed import tp_rank
     from .passes import rewrite_sdpa
 
     rank_heads: dict = {}
     graph_id, site_ids = next(_graph_ids), []
-    result = rewrite_sdpa(gm, _plan_for(cfg, tp_rank(example_inputs), rank_heads), _make_call(cfg, graph_id, site_ids))
+    result = rewrite_sdpa(gm, _plan_for(cfg, tp_rank(example_inputs), rank_heads), _make_call(cfg, graph_id, site_ids),
+                          kv=_kv_settings(cfg))
     report = CompileReport(graph_id, result.sites, result.counters, cfg.min_seq_len, cfg.impl, site_ids=site_ids)
     report.rank_heads = rank_heads
     patches = _inductor_patches(mode) if inductor else {}
@@ -137,7 +155,30 @@ def compile_graph(
         return gm.forward
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs, config_patches=patches or None)
+    with _dynamic_output_shapes(example_inputs, any(s.kv_compressed for s in report.sites)):
+        return compile_fx(gm, example_inputs, config_patches=patches or None)
+
+
+@contextlib.contextmanager
+def _dynamic_output_shapes(example_inputs: Sequence[Any], on: bool):
+    """Let the fake tensors of this graph's compilation have data-dependent sizes: with padding, the
+    compressed cache's length is the budget plus the batch's largest pad count, known only from the
+    data (``mif.sparse_attention_snapkv``'s fake makes it an unbacked size). Dynamo allows such sizes
+    only with ``capture_dynamic_output_shape_ops`` (read when its shape environment is made); this
+    graph's environment gets the setting while Inductor compiles it, and its own value back after."""
+    from torch._guards import detect_fake_mode
+
+    mode = detect_fake_mode(example_inputs) if on else None
+    env = getattr(mode, "shape_env", None)
+    settings = getattr(env, "settings", None)
+    if settings is None or getattr(settings, "allow_dynamic_output_shape_ops", True):
+        yield
+        return
+    env.settings = dataclasses.replace(settings, allow_dynamic_output_shape_ops=True)
+    try:
+        yield
+    finally:
+        env.settings = settings
 
 
 # -- options -----------------------------------------------------------------------------------

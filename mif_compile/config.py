@@ -469,6 +469,13 @@ class BackendConfig:
     - ``mass``: the adaptive index's target share of each vertical-slash head's estimated attention
       mass (a number in (0, 1]; heads with their own ``HeadPattern.mass`` keep theirs). The
       head's ``(v, s)`` budgets are then caps. None: MInference's fixed budgets.
+    - ``kv_budget``: SnapKV-style KV-cache compression after each layer's prefill (off when None):
+      the cache keeps, per kv head and batch row, this many keys (the observation window included;
+      a left-padded row's pads on top, see ``kernels/snapkv.py``). Only for caches that grow by
+      ``torch.cat`` (``DynamicCache``); see README, "KV-cache compression".
+    - ``kv_window``: the observation window, the last queries whose votes choose the keys (always
+      kept); at most ``last_q``. None: ``last_q``, whose votes the estimation already computes.
+    - ``kv_pool``: odd kernel of the 1-D max-pooling of the votes. None: 7 (SnapKV's).
     """
 
     plan: ModelPlan = dataclasses.field(default_factory=ModelPlan)
@@ -479,6 +486,9 @@ class BackendConfig:
     impl: str = "auto"
     max_density: float = 0.6
     mass: float | None = DEFAULT_MASS
+    kv_budget: int | None = None
+    kv_window: int | None = None
+    kv_pool: int | None = None
 
     def __post_init__(self) -> None:
         plan = as_plan(self.plan, "plan")
@@ -511,6 +521,40 @@ class BackendConfig:
             raise ConfigError(f"block_m={self.block_m!r}: must be 64 or 128")
         if self.impl not in ("auto", "triton", "reference"):
             raise ConfigError(f"impl={self.impl!r}: must be 'auto', 'triton' or 'reference'")
+        self._check_kv()
+
+    def _check_kv(self) -> None:
+        def positive_int(name: str) -> int | None:
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name}={value!r}: must be a positive integer or None")
+            return value
+
+        budget, window, pool = positive_int("kv_budget"), positive_int("kv_window"), positive_int("kv_pool")
+        if budget is None:
+            for name, value in (("kv_window", window), ("kv_pool", pool)):
+                if value is not None:
+                    raise ConfigError(f"{name}={value!r}: has no effect without kv_budget (KV-cache compression is off)")
+            return
+        if window is not None and window > self.last_q:
+            raise ConfigError(f"kv_window={window!r}: larger than the estimation probe last_q={self.last_q} "
+                              "(the window's votes are the probe's queries)")
+        window = self.kv_window_used
+        if budget < window:
+            given = "" if self.kv_window is not None else ", the default: last_q"
+            raise ConfigError(f"kv_budget={budget!r}: smaller than the observation window (kv_window={window}{given}), "
+                              "which is always kept")
+        if pool is not None and pool % 2 == 0:
+            raise ConfigError(f"kv_pool={pool!r}: must be odd (a centred max-pooling kernel)")
+
+    @property
+    def kv_window_used(self) -> int:
+        """The observation window of KV-cache compression (``kv_window``, or ``last_q``)."""
+        return self.kv_window if self.kv_window is not None else self.last_q
+
+    @property
+    def kv_pool_used(self) -> int:
+        return self.kv_pool if self.kv_pool is not None else 7
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None = None, **overrides: Any) -> "BackendConfig":

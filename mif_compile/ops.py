@@ -257,8 +257,15 @@ def run_layer(
         q, k, v, key_padding, patterns, budget0, budget1, mass)
     if top_left:
         return _top_left_causal(q, k, v, key_padding, scale)
+    return _attend(q, k, v, key_padding, scale, patterns, budget0, budget1, min_seq_len, last_q, block_m, impl,
+                   max_density, mass, site)
+
+
+def _attend(q, k, v, key_padding, scale, patterns, budget0, budget1, min_seq_len, last_q, block_m, impl,
+            max_density, mass, site, vs_scores=None):
+    """run_layer after its run-time guard (``vs_scores``: the estimation's scores, computed already)."""
     index = sparse_index(q, k, key_padding, scale, patterns, budget0, budget1, min_seq_len, last_q, block_m, impl,
-                         max_density, mass, site=site)
+                         max_density, mass, site=site, vs_scores=vs_scores)
     if index is None:
         return dense_attention(q, k, v, key_padding, scale)
     from . import kernels as K
@@ -325,7 +332,8 @@ def _note_cpu_auto() -> None:
 
 
 def sparse_index(q, k, key_padding, scale, patterns, budget0, budget1, min_seq_len, last_q=64, block_m=128,
-                 impl="auto", max_density=1.0, mass=None, *, site: int = -1, record: bool = True):
+                 impl="auto", max_density=1.0, mass=None, *, site: int = -1, record: bool = True,
+                 vs_scores: Optional[tuple] = None):
     """The layer's sparse index, or None when :func:`run_layer` runs dense SDPA: below
     ``min_seq_len``, an all-dense plan, CPU tensors with ``impl="auto"``, or an estimated density above
     ``max_density``. The same inputs give the same answer, so the backward recomputes it (with
@@ -345,7 +353,7 @@ def sparse_index(q, k, key_padding, scale, patterns, budget0, budget1, min_seq_l
         return None
     info: dict = {}
     index = build_layer_index(q, k, key_padding, scale, patterns, budget0, budget1, last_q, block_m, impl,
-                              mass=mass, info=info)
+                              vs_scores=vs_scores, mass=mass, info=info)
     check = max_density < 1.0
     density = None
     missed = None  # (adaptive heads that ran the fixed choice, adaptive heads), when read

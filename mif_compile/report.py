@@ -30,7 +30,8 @@ elif _level not in ("", "DEBUG", "INFO", "WARNING"):  # say so instead of ignori
     log.warning("mif_compile: MIF_COMPILE_LOG=%r is not one of info, debug, warning; no log lines are printed",
                 os.environ["MIF_COMPILE_LOG"])
 
-__all__ = ["CompileReport", "SiteRuns", "last_report", "reports", "clear_reports", "register_site", "record_run"]
+__all__ = ["CompileReport", "SiteRuns", "last_report", "reports", "clear_reports", "register_site", "record_run",
+           "record_kv"]
 
 _REPORTS: list["CompileReport"] = []
 _MAX_REPORTS = 256
@@ -64,6 +65,7 @@ class SiteRuns:
     last_density: float | None = None  # kept share of causal pairs, when the op read it
     last_reason: str | None = None  # the newest dense call's reason with its numbers
     last_missed: tuple | None = None  # adaptive heads: (ran the fixed choice, all), when the op read it
+    last_kv: tuple | None = None  # KV-cache compression: (prompt length, keys kept per kv head) of the newest call
 
     def format(self) -> str:
         where = f"layer {self.layer}" if self.layer is not None else (self.module or "site")
@@ -80,6 +82,8 @@ class SiteRuns:
                 line += f" ({missed} ran the fixed choice of their caps)"
         if self.dense:
             line += f"; last dense: {self.last_reason}"
+        if self.last_kv is not None:
+            line += f"; cache kept {self.last_kv[1]} of {self.last_kv[0]} keys per kv head"
         return line
 
 
@@ -121,6 +125,12 @@ def record_run(site: int, seq_len: int, dense_reason: str | None, detail: str = 
         where = f"layer {r.layer}" if r.layer is not None else (r.module or f"site {site}")
         log.info(f"graph {r.graph_id} {where} ran dense SDPA at N={seq_len}: {r.last_reason} "
                  f"({_EXPLAIN[dense_reason]})")
+
+
+def record_kv(site: int, seq_len: int, kept: int) -> None:
+    """KV-cache compression of one call of ``site``: ``kept`` of ``seq_len`` keys per kv head."""
+    if 0 <= site < len(_SITES):
+        _SITES[site].last_kv = (seq_len, kept)
 
 
 @dataclasses.dataclass
@@ -184,6 +194,8 @@ class CompileReport:
                 lines.append(f"  sparse  {where} [layer {s.layer}, {s.reason}{gqa}{tp}]: {pats}{vs_mode(s.patterns)}")
             else:
                 lines.append(f"  dense   {where}: {s.reason}")
+            if getattr(s, "kv", None):
+                lines.append(f"    kv    {s.kv}")
         lines.extend(f"  note    {n}" for n in self.notes)
         runs = self.runs
         if any(r.calls for r in runs):

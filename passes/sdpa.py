@@ -10,6 +10,11 @@ on a plain q/k/v function) is fine: the op expands a uniform plan to the run-tim
 a per-head one. Nothing the op reads instead of the original (the padding tensor, k/v before
 ``repeat_kv``) may be written in place anywhere in the graph. Everything else stays as it was, with
 the reason recorded in a :class:`Site`.
+
+With KV-cache compression (:class:`KvCompression`, the backend's ``kv_budget``), a rewritten prefill
+whose keys and values are a Hugging Face cache layer's ``torch.cat`` results that the graph returns
+(``DynamicLayer.update``; Dynamo writes them back to the cache) gets the op that also returns the kept
+k/v, and the graph returns those instead; each site's ``kv`` line says what was done, or why not.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import torch.fx as fx
 
 from .mask import MaskProof, mutation_reason, prove_causal_mask
 
-__all__ = ["Site", "SdpaRewrite", "rewrite_sdpa", "is_sdpa", "layer_index"]
+__all__ = ["Site", "SdpaRewrite", "KvCompression", "rewrite_sdpa", "is_sdpa", "layer_index"]
 
 _SDPA_TARGETS = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
 _LAYER_RE = re.compile(r"(?:^|[._])(?:layers?|h|blocks?)[._](\d+)(?:$|[._])")
@@ -46,6 +51,23 @@ class Site:
     patterns: tuple = ()  # HeadPattern per head when rewritten
     q_len: int | None = None  # the query length when static (1 in decode graphs), else None
     kv_cat: bool = False  # the keys are a torch.cat result (a growing cache, e.g. DynamicCache)
+    kv: str | None = None  # KV-cache compression (kv_budget): what it does here, or why not
+    kv_compressed: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class KvCompression:
+    """KV-cache compression settings for :func:`rewrite_sdpa` (the backend's ``kv_budget`` etc.);
+    ``off``: why no site of this graph is compressed (e.g. grad mode is on)."""
+
+    budget: int
+    window: int
+    pool: int
+    off: str | None = None
+
+    def describe(self) -> str:
+        return (f"cache compressed to min(N, {self.budget}) keys per kv head (+ the batch's largest pad count when "
+                f"padded; window {self.window}, pool {self.pool})")
 
 
 @dataclasses.dataclass
@@ -150,6 +172,43 @@ def _key_from_cat(key: Any, num_heads: Any) -> bool:
     return (node.op == "call_function" and node.target in _CAT) or (node.op == "call_method" and node.target == "cat")
 
 
+def _output_node(graph: fx.Graph) -> fx.Node:
+    return next(n for n in reversed(graph.nodes) if n.op == "output")
+
+
+def _is_cat(node: Any) -> bool:
+    return isinstance(node, fx.Node) and (
+        (node.op == "call_function" and node.target in _CAT) or (node.op == "call_method" and node.target == "cat"))
+
+
+def _cache_write(graph: fx.Graph, key: Any, value: Any, num_heads: Any) -> tuple[fx.Node, fx.Node] | None:
+    """(k, v) when the keys and values an SDPA reads (before ``repeat_kv``) are ``torch.cat`` results
+    that the graph returns: a cache that grows by concatenation, written back by Dynamo."""
+    if isinstance(num_heads, int):
+        key, value = _unrepeat_kv(key, num_heads), _unrepeat_kv(value, num_heads)
+    if not (_is_cat(key) and _is_cat(value)):
+        return None
+    outs = _output_node(graph).args[0]
+    outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+    if any(o is key for o in outs) and any(o is value for o in outs):
+        return key, value
+    return None
+
+
+_FRAME_RE = re.compile(r'File "([^"]+)", line \d+, in (\w+)')
+
+
+def _from_cache_update(node: fx.Node) -> bool:
+    """The node was made in a Hugging Face cache layer's ``update`` (``transformers/cache_utils.py``):
+    its stored keys or values."""
+    frames = _FRAME_RE.findall(node.meta.get("stack_trace") or "")
+    return bool(frames) and frames[-1][0].replace("\\", "/").endswith("transformers/cache_utils.py") and frames[-1][1] == "update"
+
+
+def _all_dense(heads: Any) -> bool:
+    return not isinstance(heads, str) and all(getattr(getattr(h, "pattern", None), "value", None) == "dense" for h in heads)
+
+
 def _static_len(n: Any) -> int | None:
     return n if isinstance(n, int) else None
 
@@ -208,35 +267,52 @@ def rewrite_sdpa(
     gm: fx.GraphModule,
     plan_for: Callable[[int | None, int, int], Sequence | str],
     make_call: Callable[[fx.Graph, dict[str, Any]], fx.Node],
+    kv: KvCompression | None = None,
 ) -> SdpaRewrite:
     """Rewrite provable causal prefills of ``gm`` in place.
 
     ``plan_for(layer, num_heads, ordinal)`` returns the layer's head patterns, or a string (the
-    reason to leave it dense). ``make_call(graph, site_facts)`` inserts the op call and returns it.
+    reason to leave it dense). ``make_call(graph, site_facts)`` inserts the op call and returns it;
+    with ``site_facts["kv"]`` set (KV-cache compression of this site) the call returns
+    ``(out, k_kept, v_kept)`` and the graph returns the kept k/v where it returned the cache's.
+
+    With ``kv``, a causal prefill whose keys and values are a cache layer's ``torch.cat`` results
+    returned by the graph (``DynamicLayer.update``) is compressed; every cache layer of a graph is
+    compressed or none is (decode builds one mask length for them all). A layer whose plan is all
+    dense is then rewritten too (its op runs dense SDPA and compresses the cache).
     """
     graph = gm.graph
     sites: list[Site] = []
     counters: Counter = Counter()
     dead: set[fx.Node] = set()
+    found = []
     ordinal = 0
     for node in list(graph.nodes):
         if not is_sdpa(node):
             continue
         counters["sdpa_sites"] += 1
-        layer = layer_index(node)
-        mod = module_path(node)
         reason, facts = classify(node)
         heads: Sequence | str = ()
+        layer = layer_index(node)
         if reason is None:
             heads = plan_for(layer, facts["H"], ordinal)
-            if isinstance(heads, str):
-                reason = heads
         ordinal += 1
+        write = _cache_write(graph, facts["args"]["key"], facts["args"]["value"], facts.get("H")) if "args" in facts else None
+        found.append((node, layer, reason, facts, heads, write))
+    kv_plan = _kv_plan(found, kv)
+    for (node, layer, reason, facts, heads, write), kv_note in zip(found, kv_plan):
+        mod = module_path(node)
+        compress = kv_note is not None and kv_note[0]
+        if reason is None and isinstance(heads, str):
+            reason = heads
+        elif reason is None and _all_dense(heads) and not compress:
+            reason = f"the plan makes every head of layer {layer} dense"
+        note = kv_note[1] if kv_note is not None else None
         if reason is not None:
             counters["left_dense"] += 1
             sites.append(Site(node.name, mod, layer, False, reason, _static_len(facts.get("H")), _static_len(facts.get("Hkv")),
                               q_len=_static_len(facts.get("Lq")),
-                              kv_cat=_key_from_cat(facts["args"]["key"], facts.get("H"))))
+                              kv_cat=_key_from_cat(facts["args"]["key"], facts.get("H")), kv=note))
             continue
         a, proof = facts["args"], facts["proof"]
         k_src = _unrepeat_kv(a["key"], facts["H"])
@@ -253,7 +329,8 @@ def rewrite_sdpa(
             counters["left_dense"] += 1
             sites.append(Site(node.name, mod, layer, False, mutated.replace("mask mutated", "tensor mutated"),
                               _static_len(facts.get("H")), _static_len(facts.get("Hkv")),
-                              q_len=_static_len(facts.get("Lq")), kv_cat=_key_from_cat(a["key"], facts.get("H"))))
+                              q_len=_static_len(facts.get("Lq")), kv_cat=_key_from_cat(a["key"], facts.get("H")),
+                              kv=note))
             continue
         hkv = _meta(k_src).shape[1]
         scale = a["scale"]
@@ -272,20 +349,31 @@ def rewrite_sdpa(
                 padding.meta["example_value"] = _meta(proof.padding).to(torch.bool)
         call_facts = dict(
             q=a["query"], k=k_src, v=v_src, padding=padding, scale=scale, heads=tuple(heads),
-            layer=layer, num_heads=facts["H"], num_kv_heads=hkv,
+            layer=layer, num_heads=facts["H"], num_kv_heads=hkv, kv=kv if compress else None,
         )
         with graph.inserting_before(node):
             new = make_call(graph, call_facts)
-        new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")})
+            out = new
+            if compress:
+                out = graph.call_function(operator.getitem, (new, 0))
+                kept = {write[0]: graph.call_function(operator.getitem, (new, 1)),
+                        write[1]: graph.call_function(operator.getitem, (new, 2))}
+        for n in (new, out):
+            n.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")})
         ev = _meta(node)
         if ev is not None:
-            new.meta["example_value"] = ev
-        node.replace_all_uses_with(new)
+            out.meta["example_value"] = ev
+        node.replace_all_uses_with(out)
         graph.erase_node(node)
+        if compress:  # the graph now returns the kept k/v where it returned the cache's
+            output = _output_node(graph)
+            outs = output.args[0]
+            output.args = (type(outs)(kept.get(o, o) if isinstance(o, fx.Node) else o for o in outs),)
+            counters["kv_compressed"] += 1
         dead.update(proof.nodes)
-        for kv, src in ((a["key"], k_src), (a["value"], v_src)):
-            if kv is not src:
-                dead.add(kv)
+        for kvn, src in ((a["key"], k_src), (a["value"], v_src)):
+            if kvn is not src:
+                dead.add(kvn)
         counters["rewritten"] += 1
         counters[f"rewritten_{proof.kind}"] += 1
         if not _static_true(hkv == facts["H"]):
@@ -293,11 +381,55 @@ def rewrite_sdpa(
         if facts.get("len_checked_at_run_time"):
             counters["len_checked_at_run_time"] += 1
         sites.append(Site(node.name, mod, layer, True, proof.kind, _static_len(facts["H"]), _static_len(hkv), tuple(heads),
-                          q_len=_static_len(facts.get("Lq")), kv_cat=_key_from_cat(k_src, facts["H"])))
+                          q_len=_static_len(facts.get("Lq")), kv_cat=_key_from_cat(k_src, facts["H"]), kv=note,
+                          kv_compressed=compress))
     _erase_unused(graph, dead)
     graph.lint()
     gm.recompile()
     return SdpaRewrite(sites, counters)
+
+
+def _kv_plan(found: list, kv: KvCompression | None) -> list:
+    """Per site: None (compression off, or a decode site), or (compress?, report line)."""
+    if kv is None:
+        return [None] * len(found)
+    notes = []
+    for node, layer, reason, facts, heads, write in found:
+        if facts.get("Lq") == 1:
+            notes.append(None)  # decode: nothing to compress, not worth a line
+            continue
+        why = None
+        if kv.off:
+            why = kv.off
+        elif write is None:
+            why = ("the keys are not a cache's torch.cat that the graph stores (no cache, use_cache=False, or a cache "
+                   "written in place such as StaticCache: kept full)")
+        elif not (_from_cache_update(write[0]) and _from_cache_update(write[1])):
+            why = "the stored keys do not come from a transformers cache layer's update() (only DynamicCache layers)"
+        elif reason is not None:
+            why = f"not a provable causal prefill ({reason})"
+        elif isinstance(heads, str):
+            why = heads
+        elif facts.get("len_checked_at_run_time"):
+            why = "q_len == kv_len is not proven at compile time (a cache that may hold earlier tokens)"
+        notes.append([why is None, why])
+    blocked = [(found[i][1], n[1]) for i, n in enumerate(notes)
+               if n is not None and not n[0] and found[i][5] is not None]
+    if blocked and any(n is not None and n[0] for n in notes):
+        layer, why = blocked[0]
+        for n in notes:
+            if n is not None and n[0]:
+                n[0], n[1] = False, (f"not compressed: layer {layer}'s cache cannot be ({why}), and decode needs one "
+                                     "cache length for every layer")
+    out = []
+    for n in notes:
+        if n is None:
+            out.append(None)
+        elif n[0]:
+            out.append((True, kv.describe()))
+        else:
+            out.append((False, n[1] if n[1].startswith("not compressed") else f"cache not compressed: {n[1]}"))
+    return out
 
 
 def _erase_unused(graph: fx.Graph, candidates: set[fx.Node]) -> None:

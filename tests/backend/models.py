@@ -82,3 +82,40 @@ def use_reference_attention(model, cfg: BackendConfig):
         if hasattr(m, "config") and hasattr(m.config, "_attn_implementation"):
             m.config._attn_implementation = "mif_reference"
     return model
+
+
+def _reference_snapkv_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """The eager reference attention, and after a prefill the SnapKV compression of the layer's cache
+    by the dense float64 oracle (tests/kernels/_oracle.py), written into ``_CURRENT["cache"]``."""
+    from tests.kernels._oracle import snapkv_reference
+
+    out = _reference_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    cfg: BackendConfig = _CURRENT["cfg"]
+    n = key.shape[2]
+    if query.shape[2] == n and n > 1:
+        padding = attention_mask[:, 0, -1, :].clone() if attention_mask is not None else None
+        pads = 0 if padding is None else int((~padding).sum(1).max())
+        keep = min(n, cfg.kv_budget + pads)
+        if keep < n:
+            idx = snapkv_reference(query, key, keep=keep, window=cfg.kv_window_used, pool=cfg.kv_pool_used,
+                                   scale=scaling, key_padding=padding)
+            layer = _CURRENT["cache"].layers[module.layer_idx]
+            layer.keys = key.gather(2, idx[..., None].expand(-1, -1, -1, key.shape[-1]))
+            layer.values = value.gather(2, idx[..., None].expand(-1, -1, -1, value.shape[-1]))
+            _CURRENT["kept"][module.layer_idx] = idx
+    return out
+
+
+AttentionInterface.register("mif_reference_snapkv", _reference_snapkv_attention)
+AttentionMaskInterface.register("mif_reference_snapkv", sdpa_mask)
+
+
+def use_reference_snapkv(model, cfg: BackendConfig, cache):
+    """Make ``model`` run the reference sparse path eagerly and compress ``cache`` (a DynamicCache the
+    caller passes to generate) after each layer's prefill as SnapKV says; the kept positions of each
+    layer go to the returned dict (layer -> [B, Hkv, K])."""
+    _CURRENT.update(cfg=cfg, cache=cache, kept={})
+    for m in [model, *model.modules()]:
+        if hasattr(m, "config") and hasattr(m.config, "_attn_implementation"):
+            m.config._attn_implementation = "mif_reference_snapkv"
+    return _CURRENT["kept"]

@@ -65,3 +65,35 @@ def naive_scores(q, k, *, last_q, scale, key_padding=None):
                 for o in range(row + 1):
                     diag[b, h, o] += p[row - o]
     return col, diag
+
+
+def snapkv_reference(q, k, *, keep, window, pool, scale, key_padding=None):
+    """SnapKV's kept positions, dense in float64, a loop over (row, kv head): int64 [B, Hkv, keep].
+
+    The window's queries (the last ``window`` rows) against every key, causal and padding-masked,
+    softmax over the keys, summed over the window's rows and the GQA group's query heads; the
+    prefix's votes max-pooled (kernel ``pool``, centred, edges padded with -inf); a left-padded
+    row's pads first, then its top votes (ties: earlier position), then the window.
+    """
+    B, H, N, _ = q.shape
+    Hkv = k.shape[1]
+    G = H // Hkv
+    out = torch.empty(B, Hkv, keep, dtype=torch.int64)
+    rows = torch.arange(N - window, N)
+    for b in range(B):
+        real = torch.ones(N, dtype=torch.bool) if key_padding is None else key_padding[b].bool()
+        for j in range(Hkv):
+            votes = torch.zeros(N, dtype=torch.float64)
+            for h in range(j * G, (j + 1) * G):
+                s = (q[b, h, N - window:].double() @ k[b, j].double().T) * scale  # [window, N]
+                ok = (torch.arange(N)[None, :] <= rows[:, None]) & real[None, :]
+                p = torch.softmax(s.masked_fill(~ok, float("-inf")), -1).nan_to_num(0.0)
+                votes += p.sum(0)
+            prefix = N - window
+            pooled = torch.tensor([max(votes[max(0, i - pool // 2): i + pool // 2 + 1][: prefix - max(0, i - pool // 2)])
+                                   for i in range(prefix)], dtype=torch.float64)
+            pads = [i for i in range(prefix) if not real[i]]
+            cand = sorted((i for i in range(prefix) if real[i]), key=lambda i: (-float(pooled[i]), i))
+            chosen = sorted(pads + cand[: keep - window - len(pads)])
+            out[b, j] = torch.tensor(chosen + list(range(prefix, N)))
+    return out
