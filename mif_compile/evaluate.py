@@ -62,6 +62,17 @@ class Run:
     name: str
     cfg: BackendConfig | None = None
     match: str | None = None
+    score: str = "teacher"  # "teacher": answers read off one forward; "decode": prefill, then decode steps
+
+    def __post_init__(self):
+        if self.score not in SCORES:
+            raise ConfigError(f"score={self.score!r}: expected one of {', '.join(SCORES)}")
+        if self.cfg is not None and self.cfg.kv_budget is not None and self.score != "decode":
+            raise ConfigError(f"run {self.name!r}: kv_budget={self.cfg.kv_budget} compresses the cache, which only "
+                              "decoding reads: score it with score='decode'")
+
+
+SCORES = ("teacher", "decode")
 
 
 OP_SETTINGS = ("auto", "default", "forced")
@@ -81,7 +92,7 @@ def op_settings(mode: str, lengths: Sequence[int]) -> str:
 
 def default_runs(cfg: BackendConfig | None = None, *, a_shape: tuple[int, int] | None = (128, 3968),
                  block_sparse: int | None = 100, op_defaults: bool = False, adaptive: float | None = None,
-                 match: str | None = None) -> list[Run]:
+                 match: str | None = None, kv_budgets: Sequence[int] = (), score: str = "teacher") -> list[Run]:
     """dense, ours (``cfg``, default: the backend's defaults), A-shape and block-sparse everywhere.
 
     ``op_defaults``: the sparse runs keep ``cfg``'s ``min_seq_len`` and ``max_density`` (for
@@ -90,21 +101,34 @@ def default_runs(cfg: BackendConfig | None = None, *, a_shape: tuple[int, int] |
     setting ``mass=adaptive`` (the adaptive index; only when the plan has vertical-slash heads).
     ``match``: ``"ours"`` or ``"ours_adaptive"``: the baselines' budgets are chosen at each length to
     keep that run's measured density (``a_shape``'s ``n_init`` and the values given here are then
-    the templates; see :class:`Run`)."""
+    the templates; see :class:`Run`). ``kv_budgets``: also ``ours_kv{B}`` per budget, ours with the
+    backend setting ``kv_budget=B`` (SnapKV-style cache compression), always decode-scored.
+    ``score``: how the other runs are scored (``"teacher"`` or ``"decode"``, see :func:`evaluate`)."""
     cfg = cfg or BackendConfig()
     if not op_defaults:
         cfg = dataclasses.replace(cfg, **FORCED)
-    runs = [Run("dense"), Run("ours", cfg)]
+    runs = [Run("dense", score=score), Run("ours", cfg, score=score)]
+    for b in kv_budgets:
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise ConfigError(f"--kv-budget {b!r}: expected positive integers")
+        try:
+            kv_cfg = dataclasses.replace(cfg, kv_budget=b)  # validated as the backend validates it
+        except ConfigError as e:
+            raise ConfigError(f"--kv-budget {b}: {e}") from None
+        if any(r.name == f"ours_kv{b}" for r in runs):
+            raise ConfigError(f"--kv-budget: {b} is given twice")
+        runs.append(Run(f"ours_kv{b}", kv_cfg, score="decode"))
     heads = [cfg.plan.default] if cfg.plan.layers is None else [hp for layer in cfg.plan.layers for hp in layer]
     if adaptive is not None and any(hp.pattern is Pattern.VERTICAL_SLASH for hp in heads):
-        runs.append(Run("ours_adaptive", dataclasses.replace(cfg, mass=check_mass(adaptive, "adaptive mass"))))
+        runs.append(Run("ours_adaptive", dataclasses.replace(cfg, mass=check_mass(adaptive, "adaptive mass")),
+                        score=score))
     if match is not None and match not in {r.name for r in runs}:
         raise ConfigError(f"--match-density {match!r}: no such run (runs: {', '.join(r.name for r in runs[1:])})")
     base = dataclasses.replace(cfg, mass=None)
     if a_shape:
-        runs.append(Run("a_shape", _uniform(base, HeadPattern.a_shape(*a_shape)), match))
+        runs.append(Run("a_shape", _uniform(base, HeadPattern.a_shape(*a_shape)), match, score))
     if block_sparse:
-        runs.append(Run("block_sparse", _uniform(base, HeadPattern.block_sparse(block_sparse)), match))
+        runs.append(Run("block_sparse", _uniform(base, HeadPattern.block_sparse(block_sparse)), match, score))
     return runs
 
 
@@ -254,15 +278,44 @@ class _Runner:
             if cfg.impl == "auto" and next(model.parameters()).device.type == "cpu":
                 # the op runs dense SDPA on CPU under "auto"; an evaluation is about the sparse path
                 cfg = dataclasses.replace(cfg, impl="reference")
-            self.run = run = Run(run.name, cfg)
+            self.run = run = dataclasses.replace(run, cfg=cfg)
             torch._dynamo.reset()  # a fresh cache: no stale graph of another run, no recompile limit
             mif_compile.clear_reports()
             self.fn = torch.compile(decoder, backend=mif_compile.backend(run.cfg, inductor=inductor))
+
+        import inspect
+
+        params = inspect.signature(decoder.forward).parameters  # transformers 5.x: cache=, before: past_key_values=
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
 
     @torch.no_grad()
     def hidden(self, ids: torch.Tensor) -> torch.Tensor:
         # ids: [B, N] -> [B, N, hidden]
         h = self.fn(input_ids=ids, use_cache=False).last_hidden_state
+        self._note_report()
+        return h
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor):
+        """A cached prefill of ``ids`` [B, N] into a fresh ``DynamicCache`` (compressed by the
+        backend when the run has ``kv_budget``); returns (hidden [B, N, D], cache)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        pos = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+        h = self.fn(input_ids=ids, position_ids=pos, use_cache=True, **{self.cache_arg: cache}).last_hidden_state
+        self._note_report()
+        return h, cache
+
+    @torch.no_grad()
+    def step(self, tok: torch.Tensor, position: int, cache) -> torch.Tensor:
+        """One decode step: ``tok`` [B, 1] at sequence position ``position`` through ``cache``; the
+        position is passed because a compressed cache holds fewer keys than tokens seen (the model
+        would take the cache length). Returns hidden [B, 1, D]."""
+        pos = torch.full_like(tok, position)
+        return self.fn(input_ids=tok, position_ids=pos, use_cache=True, **{self.cache_arg: cache}).last_hidden_state
+
+    def _note_report(self) -> None:
         if self.run.cfg is not None and self.report is None:
             import mif_compile
 
@@ -272,7 +325,6 @@ class _Runner:
                 raise RuntimeError(f"run {self.run.name!r}: the backend rewrote no attention site"
                                    + (f"\n{last.format()}" if last else " (no graph was compiled)"))
             self.report = reps[-1].format()
-        return h
 
     @torch.no_grad()
     def logits_at(self, h: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -296,10 +348,9 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def _score(runner: _Runner, samples, device) -> list[list[bool]]:
-    """Per sample, per answer: exact match of every answer token."""
-    ids = torch.tensor([s.ids for s in samples], device=device)
-    h = runner.hidden(ids)
+def _answer_positions(samples):
+    """Per sample: the positions whose argmax must be the answer tokens, those tokens, and which
+    answer each belongs to."""
     pos, tgt, owner = [], [], []
     for s in samples:
         p, t, o = [], [], []
@@ -308,9 +359,56 @@ def _score(runner: _Runner, samples, device) -> list[list[bool]]:
             t += toks
             o += [j] * len(toks)
         pos.append(p), tgt.append(t), owner.append(o)
+    return pos, tgt, owner
+
+
+def _predict_teacher(runner: _Runner, samples, device) -> list[list[int]]:
+    """Per sample, the argmax at each answer position, read off one forward of the whole sequence."""
+    pos, _, _ = _answer_positions(samples)
+    ids = torch.tensor([s.ids for s in samples], device=device)
+    h = runner.hidden(ids)
     width = max(map(len, pos))
     pad = lambda rows: [r + [r[-1]] * (width - len(r)) for r in rows]  # noqa: E731
     pred = runner.logits_at(h, torch.tensor(pad(pos), device=device)).argmax(-1).tolist()
+    return [p[:len(q)] for p, q in zip(pred, pos)]
+
+
+def _predict_decode(runner: _Runner, samples, device, kept: list | None = None) -> list[list[int]]:
+    """Per sample, the argmax at each answer position, by prefill-then-decode: a cached prefill of
+    the prompt up to and including the first answer's key token (the backend compresses the cache
+    there when the run has ``kv_budget``), then every later token fed one decode step at a time
+    (teacher forcing through the cache; the argmax after each queried key is its prediction). An
+    answer counts only when all its tokens are right, so feeding the true tokens gives the score that
+    greedy decoding gives. Samples whose first answer starts at the same position share a batch.
+    ``kept``: gets (prefill length, cache keys per kv head after it) per prefill."""
+    pos, _, _ = _answer_positions(samples)
+    out: list[list[int] | None] = [None] * len(samples)
+    groups: dict[int, list[int]] = {}
+    for b, p in enumerate(pos):
+        groups.setdefault(min(p) + 1, []).append(b)
+    for p0, rows in groups.items():
+        ids = torch.tensor([samples[b].ids for b in rows], device=device)
+        last = max(max(pos[b]) for b in rows)
+        h, cache = runner.prefill(ids[:, :p0])
+        if kept is not None:
+            kept.append((p0, int(cache.get_seq_length())))
+        preds = {p0 - 1: runner.head(h[:, -1]).argmax(-1)}
+        for t in range(p0, last + 1):
+            preds[t] = runner.head(runner.step(ids[:, t:t + 1], t, cache)[:, -1]).argmax(-1)
+        del cache
+        for i, b in enumerate(rows):
+            out[b] = [int(preds[p][i]) for p in pos[b]]
+    return out
+
+
+def _score(runner: _Runner, samples, device, kept: list | None = None) -> list[list[bool]]:
+    """Per sample, per answer: exact match of every answer token (scored as the run says:
+    teacher-forced in one forward, or by prefill-then-decode)."""
+    _, tgt, owner = _answer_positions(samples)
+    if runner.run.score == "decode":
+        pred = _predict_decode(runner, samples, device, kept)
+    else:
+        pred = _predict_teacher(runner, samples, device)
     out = []
     for b, s in enumerate(samples):
         ok = [True] * len(s.answers)
@@ -371,9 +469,11 @@ def evaluate(model, fmt, tokenizer, runs: Sequence[Run], lengths: Sequence[int],
         runner = None if run.match else _Runner(model, run, inductor)
         first = run if runner is None else runner.run  # its settings as run (impl resolved for the device)
         cfg = _resolved(first.cfg, device)
-        info = {"sparse_settings": None if cfg is None else {
+        info = {"score": run.score, "sparse_settings": None if cfg is None else {
             "min_seq_len": cfg.min_seq_len, "max_density": cfg.max_density, "impl": cfg.impl, "mass": cfg.mass,
-            "default_pattern": cfg.plan.default.describe(), "per_layer_plan": cfg.plan.layers is not None},
+            "default_pattern": cfg.plan.default.describe(), "per_layer_plan": cfg.plan.layers is not None,
+            "kv_budget": cfg.kv_budget, **({"kv_window": cfg.kv_window_used, "kv_pool": cfg.kv_pool_used}
+                                           if cfg.kv_budget is not None else {})},
             "overrides": overrides(cfg), "matches": run.match, "density_per_layer": {}, "budget": {}}
         if run.match:
             info["overrides"]["default_pattern"] = f"{cfg.plan.default.pattern.value}, budget chosen per length"
@@ -395,12 +495,15 @@ def evaluate(model, fmt, tokenizer, runs: Sequence[Run], lengths: Sequence[int],
                 head, calib_density = match_budget(template, target, n, cfg, qk=qk, impl=_index_impl(cfg, device),
                                                    device=device)
                 del qk
-                runner = _Runner(model, Run(run.name, _uniform(cfg, head)), inductor)
+                runner = _Runner(model, Run(run.name, _uniform(cfg, head), score=run.score), inductor)
                 row["target_density"], row["calibration_density"] = target, calib_density
             bar.set_description(f"{run.name} {n}")
             row["budget"] = _budget_text(runner.run.cfg)
             info["budget"][str(n)] = row["budget"]
-            times, stats, n_fwd = [], [], 0
+            times, stats, n_fwd, kept = [], [], 0, []
+            row["score"] = runner.run.score
+            if runner.run.cfg is not None and runner.run.cfg.kv_budget is not None:
+                row["kv_budget"] = runner.run.cfg.kv_budget
 
             def fwd(tokens, fn, *a):
                 nonlocal n_fwd
@@ -420,7 +523,8 @@ def evaluate(model, fmt, tokenizer, runs: Sequence[Run], lengths: Sequence[int],
                          for d, depth in enumerate(depth_grid) for k in range(samples)]
                 hits = [[] for _ in depth_grid]
                 for chunk in _batches(items, bsz):
-                    for (d, _), ok in zip(chunk, fwd(n * len(chunk), _score, runner, [s for _, s in chunk], device)):
+                    for (d, _), ok in zip(chunk, fwd(n * len(chunk), _score, runner, [s for _, s in chunk], device,
+                                                   kept)):
                         hits[d].append(all(ok))
                 for d in range(len(depth_grid)):
                     heat[d][li] = sum(hits[d]) / len(hits[d])
@@ -429,7 +533,7 @@ def evaluate(model, fmt, tokenizer, runs: Sequence[Run], lengths: Sequence[int],
                 items = [multikey_sample(fmt, hay, n, keys, mk_seed(n, k)) for k in range(samples)]
                 oks = []
                 for chunk in _batches(items, bsz):
-                    for ok in fwd(n * len(chunk), _score, runner, chunk, device):
+                    for ok in fwd(n * len(chunk), _score, runner, chunk, device, kept):
                         oks += ok
                 row["multikey"] = sum(oks) / len(oks)
             if "ppl" in tasks:
@@ -437,9 +541,20 @@ def evaluate(model, fmt, tokenizer, runs: Sequence[Run], lengths: Sequence[int],
                 windows = [text_window(fmt, hay, n, seed * 1_000_003 + n + k + 900) for k in range(ppl_samples)]
                 for chunk in _batches(windows, bsz):
                     ids = torch.tensor(chunk, device=device)
-                    nll += fwd(ids.numel(), lambda x: runner.nll_sum(runner.hidden(x), x), ids)
+                    # decode-scored runs: the logits of a cached prefill (the backend compresses the cache
+                    # after each layer's attention; the prefill's own logits are those without compression)
+                    hidden = (lambda x: runner.prefill(x)[0]) if runner.run.score == "decode" else runner.hidden
+                    nll += fwd(ids.numel(), lambda x: runner.nll_sum(hidden(x), x), ids)
                     cnt += ids.shape[0] * (ids.shape[1] - 1)
                 row["ppl"] = math.exp(nll / cnt)
+            if kept:  # what the decode steps attended: the cache's keys per kv head after each prefill
+                row["prefill_tokens"] = sum(p for p, _ in kept) / len(kept)
+                row["cache_keys"] = sum(k for _, k in kept) / len(kept)
+                row["cache_compressed"] = any(k < p for p, k in kept)
+            if row["score"] == "decode":  # the table's budget column says how the answers were read
+                row["budget"] += (f", kv_budget={row['kv_budget']}" if "kv_budget" in row else "") + (
+                    f", cache {row['cache_keys']:.0f} of {row['prefill_tokens']:.0f} keys" if kept else "") + \
+                    ", decode-scored"
             row["time_s"] = sum(t for t, _ in times)
             row["forwards"] = n_fwd
             # one sequence's forward: the median after the cell's first forward (which compiles or
@@ -588,6 +703,12 @@ def _how(res: dict) -> str:
          f"{res['samples']} sample(s), multi-key {res['keys']} keys x {res['samples']} sample(s), perplexity "
          f"{res.get('ppl_samples', '?')} window(s) of the haystack text per length. ")
     s += res.get("note", "") + ". " if res.get("note") else ""
+    if any(r.get("score") == "decode" for r in res["rows"]):
+        s += ("Decode-scored rows: each needle/multi-key prompt is prefilled with a cache up to and including the "
+              "first queried key, the rest fed one decode step at a time through that cache (compressed where "
+              "kv_budget is set), and an answer counts when the argmax after each queried key is its next token; "
+              "their perplexity comes from the cached prefill's logits, which compression does not change (it "
+              "acts on the cache only), and their ms / forward includes the decode steps. ")
     s += ("ms / forward: median time of one sequence's forward after the first of each cell (which compiles); "
           "time s: all forwards of the cell.")
     return s
@@ -625,8 +746,9 @@ def describe(res: dict) -> str:
              f"{res['samples']} samples, multi-key {res['keys']} keys x {res['samples']} samples"]
     for name, info in res["runs"].items():
         s = info["sparse_settings"]
+        scored = "; answers decode-scored" if info.get("score") == "decode" else ""
         if s is None:
-            lines.append(f"{name}: dense SDPA (the model as it is)")
+            lines.append(f"{name}: dense SDPA (the model as it is){scored}")
             continue
         ov = info.get("overrides") or {}
         shown = ", ".join(f"{k}={v}" for k, v in ov.items()) or "none: the op's defaults"
@@ -635,7 +757,9 @@ def describe(res: dict) -> str:
                 f"{' + per-layer plan' if s['per_layer_plan'] else ''}")
         lines.append(f"{name}: minference backend, {what}; min_seq_len={s['min_seq_len']}, max_density={s['max_density']}, "
                      f"impl={s['impl']}" + (f", mass={s['mass']:g}" if s.get("mass") is not None else "")
-                     + f"; settings changed from the op's defaults: {shown}; {info.get('wall_s', 0):.1f} s in all")
+                     + (f", kv_budget={s['kv_budget']} (kv_window={s['kv_window']}, kv_pool={s['kv_pool']})"
+                        if s.get("kv_budget") is not None else "")
+                     + f"; settings changed from the op's defaults: {shown}{scored}; {info.get('wall_s', 0):.1f} s in all")
         if info.get("matches"):
             for n, b in info["budget"].items():
                 lines.append(f"  budget at {n}: {b}")
@@ -721,6 +845,14 @@ def _parse(argv, prog: str = "python -m mif_compile.evaluate"):
                    help="n_init,n_local of the A-shape baseline (with --match-density: n_init only)")
     p.add_argument("--block-sparse", type=number(int, 1), default=100,
                    help="top_k of the block-sparse baseline (with --match-density: not used)")
+    p.add_argument("--kv-budget", type=int_list, default=[],
+                   help="comma list of KV-cache budgets: also run ours_kvB per budget B, ours with the backend setting "
+                        "kv_budget=B (SnapKV-style compression after prefill), its needle and multi-key answers "
+                        "decode-scored through the compressed cache (see --score)")
+    p.add_argument("--score", default="teacher", choices=SCORES,
+                   help="how the needle and multi-key answers of dense, ours and the baselines are read: teacher "
+                        "(default): in the forward of the whole sequence; decode: a cached prefill through the first "
+                        "queried key, then one decode step per later token (as the ours_kv runs always are)")
     p.add_argument("--impl", default="auto", choices=("auto", "triton", "reference"))
     p.add_argument("--inductor", action="store_true", help="compile the rest of the graph with Inductor (slower start)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -771,6 +903,10 @@ def run_cli(args) -> dict:
     match = None if args.match_density == "off" else args.match_density
     if match == "ours_adaptive" and args.adaptive is None:
         raise ConfigError("--match-density ours_adaptive needs the adaptive run: give --adaptive MASS, not off")
+    runs = default_runs(cfg, a_shape=args.a_shape if "a_shape" in base else None,
+                        block_sparse=args.block_sparse if "block_sparse" in base else None,
+                        op_defaults=settings == "default", adaptive=args.adaptive, match=match if base else None,
+                        kv_budgets=args.kv_budget, score=args.score)
     if args.model != "builtin":
         check_model_folder(args.model)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
@@ -779,9 +915,6 @@ def run_cli(args) -> dict:
         cfg.plan.check_model(model)
     except ConfigError as e:
         raise ConfigError(f"--config {args.config!r} with --model {args.model!r}: {e}") from None
-    runs = default_runs(cfg, a_shape=args.a_shape if "a_shape" in base else None,
-                        block_sparse=args.block_sparse if "block_sparse" in base else None,
-                        op_defaults=settings == "default", adaptive=args.adaptive, match=match if base else None)
     if settings == "default":
         note = ("sparse runs use the op's default settings (min_seq_len=32768, max_density=0.6; nothing "
                 "overridden" + (", except impl=reference on CPU" if not args.device.startswith("cuda") else "") + ")"
@@ -791,6 +924,10 @@ def run_cli(args) -> dict:
                 f"run {'these lengths' if max(lengths) < 32768 else 'lengths below 32768'} dense)")
     if match and base:
         note += f"; baselines at the kept density of {match}, budget chosen per length"
+    if args.kv_budget or args.score == "decode":
+        decoded = [r.name for r in runs if r.score == "decode"]
+        note += (f"; decode-scored (prefill through the first queried key, then decode steps): {', '.join(decoded)}"
+                 + ("; ours_kvB: ours with kv_budget=B" if args.kv_budget else ""))
     tokens = _planned_tokens(lengths, args.depths if args.depths > 1 else 1, args.samples, args.ppl_samples, tasks)
     print(f"model {args.model} ({fmt.name} format) on {args.device} {dtype}; {note}", flush=True)
     print(f"{len(runs)} runs ({', '.join(r.name for r in runs)}) x {tokens:,} tokens each; progress and time left "
@@ -805,7 +942,11 @@ def run_cli(args) -> dict:
     print("\n" + describe(res))  # the table's rows were printed as they finished
     for name, info in res["runs"].items():
         if info["report"]:
-            print(f"{name}: {info['report'].splitlines()[0]}")
+            lines = info["report"].splitlines()
+            print(f"{name}: {lines[0]}")
+            # KV-cache compression: what the sites did with the cache, and the kept keys of the first call
+            for line in dict.fromkeys(ln.strip() for ln in lines if ln.lstrip().startswith("kv ") or "cache kept" in ln):
+                print(f"{name}:   {line}")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "results.json"), "w") as f:

@@ -57,6 +57,11 @@ def _one_line_error(capsys, *argv, code=2) -> tuple[str, str]:
     (["eval", "--pattern", "sliding"], ["--pattern 'sliding'", "unknown pattern"]),
     (["eval", "--tasks", "needle,speed"], ["--tasks 'needle,speed'"]),
     (["eval", "--model", "nosuchmodel"], ["--model 'nosuchmodel'", "does not exist", "local folders"]),
+    (["eval", "--kv-budget", "4k"], ["--kv-budget", "'4k'", "comma-separated integers"]),
+    (["eval", "--kv-budget", "128,0"], ["--kv-budget", "'128,0'", "positive integers"]),
+    (["eval", "--kv-budget", "32"], ["--kv-budget 32: kv_budget=32", "smaller than the observation window"]),
+    (["eval", "--kv-budget", "96,96"], ["--kv-budget: 96 is given twice"]),
+    (["eval", "--score", "greedy"], ["--score", "'greedy'", "teacher", "decode"]),
 ])
 def test_bad_input_is_one_line_naming_flag_and_value(capsys, argv, needles):
     line, out = _one_line_error(capsys, *argv)
