@@ -59,29 +59,30 @@ def test_budget_covering_the_prompt_equals_dense(builtin):
 
 def test_small_budget_compresses_and_decodes_as_generate_does(builtin):
     model, samples = builtin
+    sample = samples[2]  # multi-key: several queries, so decode steps through the compressed cache
     cfg = BackendConfig(kv_budget=96, **FORCED)
     kept = []
-    ours, runner = _preds(model, Run("ours_kv96", cfg, score="decode"), samples[:1], kept)
+    ours, runner = _preds(model, Run("ours_kv96", cfg, score="decode"), [sample], kept)
     (p0, k), = kept
     assert k == 96 < p0 and "cache kept 96 of" in runner.report
-    # generate() tracks positions itself: through the same backend from the same prompt, its greedy
-    # tokens are the decode-scored predictions as long as it has produced the true answer so far
+    # generate() tracks positions itself: through the same backend from the same prompt, made to emit
+    # the true tail, the argmax of its raw logits is the decode-scored prediction at every answer
+    pos = [start - 1 + i for start, toks in sample.answers for i in range(len(toks))]
     torch._dynamo.reset()
     fwd = model.forward
     try:
         model.forward = torch.compile(model.forward, backend=mif_compile.backend(cfg, inductor=False))
-        start, answer = samples[0].answers[0]
-        ids = torch.tensor([samples[0].ids[:start]])
         with torch.no_grad():
-            gen = model.generate(ids, max_new_tokens=len(answer), do_sample=False, min_new_tokens=len(answer))
+            gen = model.generate(torch.tensor([sample.ids[:p0]]), max_new_tokens=max(pos) - p0 + 2, do_sample=False,
+                                 prefix_allowed_tokens_fn=lambda b, seq: [sample.ids[len(seq)]],
+                                 output_logits=True, return_dict_in_generate=True)
     finally:
         model.forward = fwd
         torch._dynamo.reset()
-    gen = gen[0, start:].tolist()
-    for i in range(len(answer)):
-        assert gen[i] == ours[0][i], (gen, ours[0], answer)
-        if gen[i] != answer[i]:
-            break
+    assert gen.sequences[0].tolist() == sample.ids[:max(pos) + 2]
+    assert [int(gen.logits[p - p0 + 1][0].argmax()) for p in pos] == ours[0]
+    dense, _ = _preds(model, Run("dense"), [sample])
+    assert ours != dense  # the budget changed some answer: a test that can tell the two apart
 
 
 def test_kv_runs_are_decode_scored():
