@@ -17,7 +17,11 @@ at each length) the same inputs go through the model and one table is printed, a
 
 Answers are scored in the same forward as the prompt (teacher forcing): an answer counts when the
 argmax at each of its positions is its next token, which is what greedy decoding would produce
-under the same attention. The op runs dense below ``min_seq_len`` (default 32768) and when an
+under the same attention. ``--kv-budget B,...`` adds ``ours_kvB`` (ours with KV-cache compression
+``kv_budget=B``), whose answers are scored by prefill-then-decode instead, since one forward never
+reads the compressed cache: a cached prefill through the first queried key, then one decode step per
+later token with its ``position_ids``; their perplexity is that of the cached prefill's logits.
+``--score decode`` scores the other runs that way too. The op runs dense below ``min_seq_len`` (default 32768) and when an
 estimated index keeps more than ``max_density`` (0.6) of the pairs. ``--op-settings default`` keeps
 these (nothing is overridden: what a user of ``torch.compile(model, backend="minference")`` gets);
 ``forced`` passes ``min_seq_len=0, max_density=1.0`` to see sparse behaviour at short lengths;
