@@ -21,8 +21,8 @@ under the same attention. ``--kv-budget B,...`` adds ``ours_kvB`` (ours with KV-
 ``kv_budget=B``), whose answers are scored by prefill-then-decode instead, since one forward never
 reads the compressed cache: a cached prefill through the first queried key, then one decode step per
 later token with its ``position_ids``; their perplexity is that of the cached prefill's logits.
-``--score decode`` scores the other runs that way too. The op runs dense below ``min_seq_len`` (default 32768) and when an
-estimated index keeps more than ``max_density`` (0.6) of the pairs. ``--op-settings default`` keeps
+``--score decode`` scores the other runs that way too. The op runs dense below ``min_seq_len``
+(default 32768) and when an estimated index keeps more than ``max_density`` (0.6) of the pairs. ``--op-settings default`` keeps
 these (nothing is overridden: what a user of ``torch.compile(model, backend="minference")`` gets);
 ``forced`` passes ``min_seq_len=0, max_density=1.0`` to see sparse behaviour at short lengths;
 ``auto`` (the default) is ``default`` when every length is at least 32768, else ``forced``; the
@@ -763,7 +763,8 @@ def describe(res: dict) -> str:
                      f"impl={s['impl']}" + (f", mass={s['mass']:g}" if s.get("mass") is not None else "")
                      + (f", kv_budget={s['kv_budget']} (kv_window={s['kv_window']}, kv_pool={s['kv_pool']})"
                         if s.get("kv_budget") is not None else "")
-                     + f"; settings changed from the op's defaults: {shown}{scored}; {info.get('wall_s', 0):.1f} s in all")
+                     + f"; settings changed from the op's defaults: {shown}{scored}; "
+                       f"{info.get('wall_s', 0):.1f} s in all")
         if info.get("matches"):
             for n, b in info["budget"].items():
                 lines.append(f"  budget at {n}: {b}")
@@ -949,7 +950,8 @@ def run_cli(args) -> dict:
             lines = info["report"].splitlines()
             print(f"{name}: {lines[0]}")
             # KV-cache compression: what the sites did with the cache, and the kept keys of the first call
-            for line in dict.fromkeys(ln.strip() for ln in lines if ln.lstrip().startswith("kv ") or "cache kept" in ln):
+            kv = (ln.strip() for ln in lines if ln.lstrip().startswith("kv ") or "cache kept" in ln)
+            for line in dict.fromkeys(kv):
                 print(f"{name}:   {line}")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
