@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import functools
 import itertools
+import re
 from typing import Any, Callable, Sequence
 
 import torch
@@ -150,6 +151,11 @@ def compile_graph(
     if off:
         patches["triton.cudagraphs"] = False
         report.notes.append(off)
+    if inductor and cfg.kv_budget is not None and _kv_needs_eager(gm, report.sites):
+        inductor = False
+        report.notes.append(f"this graph runs its ops without Inductor: with kv_budget, Inductor of torch {torch.__version__} "
+                            "fails to compile a padded prefill (its compressed cache's length depends on the data) and "
+                            "the decode graphs after it (C++ code generation errors on torch 2.11); torch >= 2.13 compiles them")
     _record(report)
     if not inductor:
         return gm.forward
@@ -157,6 +163,18 @@ def compile_graph(
 
     with _dynamic_output_shapes(example_inputs, any(s.kv_compressed for s in report.sites)):
         return compile_fx(gm, example_inputs, config_patches=patches or None)
+
+
+def _kv_needs_eager(gm: torch.fx.GraphModule, sites: Sequence[Any]) -> bool:
+    """On torch < 2.13 with kv_budget: True for a graph with a padded ``mif.sparse_attention_snapkv`` (a
+    data-dependent output size) and for decode graphs (query length 1). Inductor's C++ code generation of
+    torch 2.11 fails on both (CI's oldest run); their ops then run as they are (the path tested on 2.11)."""
+    if tuple(int(v) for v in re.findall(r"\d+", torch.__version__)[:2]) >= (2, 13):
+        return False
+    if any(getattr(s, "q_len", None) == 1 for s in sites):
+        return True
+    target = torch.ops.mif.sparse_attention_snapkv.default
+    return any(n.op == "call_function" and n.target is target and n.args[3] is not None for n in gm.graph.nodes)
 
 
 @contextlib.contextmanager

@@ -228,3 +228,31 @@ def test_bad_options_fail_when_the_backend_is_built(options, message):
     model = torch.compile(MODELS["llama"](), backend="minference", options=options)
     with pytest.raises(ConfigError, match=message), torch.no_grad():  # the same text at the first call
         model(_ids(n=16))
+
+
+def test_padded_compression_runs_without_inductor_on_old_torch(monkeypatch):
+    """torch < 2.13: Inductor fails on the padded graph's data-dependent cache length and on the decode graphs
+    after it, so those graphs run their ops as they are, with a note in the report; the tokens and the cache
+    stay the reference's."""
+    import importlib
+
+    B = importlib.import_module("mif_compile.backend")
+    monkeypatch.setattr(torch, "__version__", "2.11.0")
+    ids = _ids(batch=2, n=260, seed=7)
+    mask = torch.ones_like(ids)
+    mask[0, :25] = 0
+    model = MODELS["llama"](num_hidden_layers=1)
+    be = mif_compile.backend(min_seq_len=0, max_density=1.0, impl="reference", default_pattern=VS, kv_budget=BUDGET)
+    model.forward = torch.compile(model.forward, backend=be, dynamic=True)
+    out, cache = _generate(model, ids, attention_mask=mask, max_new_tokens=3)
+    notes = [n for r in mif_compile.reports() for n in r.notes if "without Inductor" in n]
+    assert notes and "2.11.0" in notes[0]
+    ref_model = MODELS["llama"](num_hidden_layers=1)
+    ref_cache = DynamicCache(config=ref_model.config)
+    use_reference_snapkv(ref_model, BackendConfig(default_pattern=VS, min_seq_len=0, max_density=1.0, kv_budget=BUDGET),
+                         ref_cache)
+    ref, ref_cache = _generate(ref_model, ids, ref_cache, attention_mask=mask, max_new_tokens=3)
+    assert torch.equal(out, ref)
+    assert cache.layers[0].keys.shape[2] == BUDGET + 25 + 2
+    torch.testing.assert_close(cache.layers[0].keys, ref_cache.layers[0].keys, atol=1e-4, rtol=1e-4)
+    assert not B._kv_needs_eager(torch.fx.symbolic_trace(torch.nn.Identity()), [])
