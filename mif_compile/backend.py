@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import functools
 import itertools
-import re
 from typing import Any, Callable, Sequence
 
 import torch
@@ -169,7 +168,9 @@ def _kv_needs_eager(gm: torch.fx.GraphModule, sites: Sequence[Any]) -> bool:
     """On torch < 2.13 with kv_budget: True for a graph with a padded ``mif.sparse_attention_snapkv`` (a
     data-dependent output size) and for decode graphs (query length 1). Inductor's C++ code generation of
     torch 2.11 fails on both (CI's oldest run); their ops then run as they are (the path tested on 2.11)."""
-    if tuple(int(v) for v in re.findall(r"\d+", torch.__version__)[:2]) >= (2, 13):
+    from torch.torch_version import TorchVersion
+
+    if TorchVersion(torch.__version__) >= (2, 13):
         return False
     if any(getattr(s, "q_len", None) == 1 for s in sites):
         return True

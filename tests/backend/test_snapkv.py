@@ -129,6 +129,18 @@ def test_left_padded_batch_selects_per_row():
         assert not torch.equal(idx[0], idx[1])
 
 
+def _assert_matches_padded_reference(out, cache, ids, mask):
+    """Tokens and cache equal the eager float64-SnapKV reference on the 1-layer Llama, row 0 padded by 25."""
+    ref_model = MODELS["llama"](num_hidden_layers=1)
+    ref_cache = DynamicCache(config=ref_model.config)
+    use_reference_snapkv(ref_model, BackendConfig(default_pattern=VS, min_seq_len=0, max_density=1.0, kv_budget=BUDGET),
+                         ref_cache)
+    ref, ref_cache = _generate(ref_model, ids, ref_cache, attention_mask=mask, max_new_tokens=3)
+    assert torch.equal(out, ref)
+    assert cache.layers[0].keys.shape[2] == BUDGET + 25 + 2
+    torch.testing.assert_close(cache.layers[0].keys, ref_cache.layers[0].keys, atol=1e-4, rtol=1e-4)
+
+
 def test_inductor_left_padded_batch():
     """Through Inductor: with padding the kept length is data-dependent (an unbacked size)."""
     ids = _ids(batch=2, n=260, seed=7)
@@ -138,14 +150,7 @@ def test_inductor_left_padded_batch():
     model.forward = torch.compile(model.forward, backend=mif_compile.backend(
         min_seq_len=0, max_density=1.0, impl="reference", default_pattern=VS, kv_budget=BUDGET), dynamic=True)
     out, cache = _generate(model, ids, attention_mask=mask, max_new_tokens=3)
-    ref_model = MODELS["llama"](num_hidden_layers=1)
-    ref_cache = DynamicCache(config=ref_model.config)
-    use_reference_snapkv(ref_model, BackendConfig(default_pattern=VS, min_seq_len=0, max_density=1.0, kv_budget=BUDGET),
-                         ref_cache)
-    ref, ref_cache = _generate(ref_model, ids, ref_cache, attention_mask=mask, max_new_tokens=3)
-    assert torch.equal(out, ref)
-    assert cache.layers[0].keys.shape[2] == BUDGET + 25 + 2
-    torch.testing.assert_close(cache.layers[0].keys, ref_cache.layers[0].keys, atol=1e-4, rtol=1e-4)
+    _assert_matches_padded_reference(out, cache, ids, mask)
 
 
 def test_right_padding_is_refused():
@@ -247,12 +252,5 @@ def test_padded_compression_runs_without_inductor_on_old_torch(monkeypatch):
     out, cache = _generate(model, ids, attention_mask=mask, max_new_tokens=3)
     notes = [n for r in mif_compile.reports() for n in r.notes if "without Inductor" in n]
     assert notes and "2.11.0" in notes[0]
-    ref_model = MODELS["llama"](num_hidden_layers=1)
-    ref_cache = DynamicCache(config=ref_model.config)
-    use_reference_snapkv(ref_model, BackendConfig(default_pattern=VS, min_seq_len=0, max_density=1.0, kv_budget=BUDGET),
-                         ref_cache)
-    ref, ref_cache = _generate(ref_model, ids, ref_cache, attention_mask=mask, max_new_tokens=3)
-    assert torch.equal(out, ref)
-    assert cache.layers[0].keys.shape[2] == BUDGET + 25 + 2
-    torch.testing.assert_close(cache.layers[0].keys, ref_cache.layers[0].keys, atol=1e-4, rtol=1e-4)
+    _assert_matches_padded_reference(out, cache, ids, mask)
     assert not B._kv_needs_eager(torch.fx.symbolic_trace(torch.nn.Identity()), [])
