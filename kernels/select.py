@@ -20,9 +20,13 @@ mass is covered. Here each head picks, per input, from two kinds of candidates:
 Every column within the cap ``v_count[h]`` is kept (the top ones by that mass; columns are cheap, and
 a vertical's mass is the least stable along the sequence), and so are the groups of the ``n_force_s``
 nearest diagonals. Slash groups are then added in order of mass per unit of cost until the kept mass
-reaches ``mass[h]`` times the head's total probe mass, within ``ceil(s_count[h] / 64)`` groups (a target of 1 keeps every candidate within the caps). Mass is estimated from the last queries only (MInference's
-assumption that the pattern is stable along the sequence), so the target is an estimate, not a
-guarantee for every row.
+reaches ``mass[h]`` times the total, within ``ceil(s_count[h] / 64)`` groups (a target of 1 keeps every
+candidate within the caps). The target is held at 8 row positions along the sequence, not only at the
+probe rows: a column at key j serves rows >= j and a diagonal at offset o rows >= o, so a heavy key
+near the end (which can hold half of the probe's mass) is no credit for the rows before it, and each
+position's total is the mass its rows can reach. Mass is estimated from the last queries only
+(MInference's assumption that the pattern is stable along the sequence), so the target is an
+estimate, not a guarantee for every row.
 
 Pure torch on [B, H, N] and [B, H, candidates] tensors, shared by both implementations: a few
 launches, no host synchronisation (caps are Python ints), capturable in a CUDA graph.
@@ -35,6 +39,7 @@ import math
 import torch
 
 GROUP = 64  # diagonals per slash group (the key tile width)
+R_ROWS = 8  # row positions at which the kept mass is held to the target
 
 
 def slash_group_count(s_count: int, n_force_s: int = 100) -> int:
@@ -90,7 +95,6 @@ def vertical_slash_select(col, diag, v_count, s_count, mass, *, last_q: int, n_f
     delta.scatter_add_(-1, c_lo, -share)
     delta.scatter_add_(-1, c_hi, share)
     slash = (diag + delta.cumsum(-1)[..., :N]).clamp(min=0.0)
-    total = diag.sum(-1, keepdim=True)  # [B, H, 1]: all of the probe's mass (each key has one offset)
     gm = torch.nn.functional.pad(slash, (0, G * GROUP - N)).view(B, H, G, GROUP).sum(-1)  # [B, H, G]
     ninf = torch.full_like(gm[..., :1], float("-inf"))
     left = torch.cat([ninf, gm[..., :-1]], -1)
@@ -100,13 +104,11 @@ def vertical_slash_select(col, diag, v_count, s_count, mass, *, last_q: int, n_f
     g_ratio[..., :n_forced_groups] = float("inf")
     kg = min(G, slash_group_count(s_max, n_force_s))
     g_ratio, g_idx = torch.topk(g_ratio, kg, dim=-1, sorted=True)  # [B, H, kg]
-    g_mass = gm.gather(-1, g_idx)
     g_cap = torch.clamp(_groups_of(s_count.to(dev)), min=n_forced_groups)
     g_rank_ok = torch.arange(kg, device=dev)[None, :] < g_cap[:, None]  # [H, kg]
 
     # one ordering per head: forced first, then mass per unit of cost; keep until the target is met
     ratio = torch.cat([c_ratio, g_ratio], -1)
-    cand_mass = torch.cat([c_mass, g_mass], -1)
     ok = torch.cat([c_rank_ok, g_rank_ok], -1)[None].expand(B, H, kc + kg)
     # Columns cost one key a row (v of them cost what v / 64 slash groups do) and a vertical's mass is
     # the least stable along the sequence, so every column within the cap is kept, as MInference does;
@@ -115,14 +117,31 @@ def vertical_slash_select(col, diag, v_count, s_count, mass, *, last_q: int, n_f
     forced = ok & ((ratio == float("inf")) | is_col)  # sorted first
     ratio = torch.where(forced, float("inf"), ratio)
     ratio = torch.where(ok, ratio, float("-inf"))
-    cand_mass = torch.where(ok, cand_mass, 0.0)
     order = torch.sort(ratio, dim=-1, descending=True, stable=True).indices
-    m_sorted = cand_mass.gather(-1, order)
-    before = m_sorted.cumsum(-1) - m_sorted  # kept mass before this candidate
-    target = mass.to(dev, torch.float32)[None, :, None] * total
+
+    # The target holds for rows all along the sequence, not only for the probe rows: a candidate serves
+    # only the rows that can reach it (a column at key j rows >= j, a diagonal at offset o rows >= o),
+    # so a heavy key near the end, which can hold half of the probe's mass, is no credit for the rows
+    # before it. The kept and total mass are counted at R_ROWS row positions p_r = N r / R_ROWS - 1
+    # (the last is the probe's); candidates are kept while some position is below its target.
+    R = min(R_ROWS, N)
+    pk = (torch.arange(1, R + 1, device=dev) * N) // R - 1  # [R]
+    c_mass_r = torch.where(c_rank_ok[..., None] & (c_idx[..., None] <= pk), c_mass[..., None], 0.0)  # [B, H, kc, R]
+    scum = torch.nn.functional.pad(slash.cumsum(-1), (1, 0))  # [B, H, N + 1]
+    g_lo = g_idx * GROUP
+    a = torch.minimum(g_lo[..., None], pk + 1).flatten(-2)
+    b = torch.minimum((g_lo + GROUP).clamp(max=N)[..., None], pk + 1).flatten(-2)
+    g_mass_r = (scum.gather(-1, b) - scum.gather(-1, a)).view(B, H, kg, R).clamp(min=0.0)
+    g_mass_r = torch.where(g_rank_ok[..., None], g_mass_r, 0.0)
+    total = scum[..., pk + 1] + c_mass_r.sum(-2)  # [B, H, R]: all the mass these rows can reach
+    cand_mass = torch.cat([c_mass_r, g_mass_r], -2)  # [B, H, kc + kg, R]
+    m_sorted = cand_mass.gather(-2, order[..., None].expand(B, H, kc + kg, R))
+    before = m_sorted.cumsum(-2) - m_sorted  # kept mass before this candidate, per position
+    target = mass.to(dev, torch.float32)[None, :, None] * total  # [B, H, R]
     everything = mass.to(dev)[None, :, None] >= 1.0  # mass 1: every candidate within the caps
-    keep_sorted = ((before < target) & (m_sorted > 0)) | (everything & (ratio.gather(-1, order) > float("-inf")))
-    reached = (keep_sorted * m_sorted).sum(-1) >= target[..., 0] * (1 - 1e-6)  # [B, H]
+    need = ((before < target[..., None, :]) & (m_sorted > 0)).any(-1)
+    keep_sorted = need | (everything & (ratio.gather(-1, order) > float("-inf")))
+    reached = ((keep_sorted[..., None] * m_sorted).sum(-2) >= target * (1 - 1e-6)).all(-1)  # [B, H]
     keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
     keep = keep | forced
     keep_c, keep_g = keep[..., :kc], keep[..., kc:]

@@ -41,8 +41,12 @@ def _loop_select(col, diag, v_count, s_count, mass, last_q, n_force_v=30, n_forc
                     slash[o] -= cm[j] / (hi - lo)
             d = [max(0.0, x) for x in slash] + [0.0] * (G * 64 - N)
             gm = [sum(d[64 * g: 64 * g + 64]) for g in range(G)]
-            total = sum(dd)
-            cands = []  # (forced, ratio, mass, kind, id)
+            # mass held to the target at 8 row positions p: a group serves rows >= its offsets, a column
+            # at key j rows >= j
+            R = min(8, N)
+            pks = [(r * N) // R - 1 for r in range(1, R + 1)]
+            total = [sum(d[: p + 1]) + sum(cm[j] for j in c_top if j <= p) for p in pks]
+            cands = []  # (forced, ratio, masses per position, kind, id)
             g_ratio = []
             for g in range(G):
                 lft = gm[g - 1] if g > 0 else -math.inf
@@ -51,19 +55,21 @@ def _loop_select(col, diag, v_count, s_count, mass, last_q, n_force_v=30, n_forc
                 g_ratio.append((g < nfg, math.inf if g < nfg else gm[g] / cost, g))
             g_top = sorted(g_ratio, key=lambda t: (not t[0], -t[1], t[2]))[: min(G, slash_group_count(int(s_count[h]), n_force_s))]
             for f, r, g in g_top:
-                cands.append((f, r, gm[g], "g", g))
+                cands.append((f, r, [sum(d[64 * g: min(64 * g + 64, N, p + 1)]) for p in pks], "g", g))
             for j in c_top:  # every column within the cap is kept
-                cands.append((True, cm[j], cm[j], "c", j))
+                cands.append((True, cm[j], [cm[j] if j <= p else 0.0 for p in pks], "c", j))
             cands.sort(key=lambda t: (not t[0], -t[1] if not t[0] else 0.0))
-            kept, acc, kept_mass = set(), 0.0, 0.0
+            kept = set()
+            acc, kept_mass = [0.0] * R, [0.0] * R
             for f, r, m, kind, i in cands:
-                if f or (acc < float(mass[h]) * total and m > 0) or float(mass[h]) >= 1.0:
+                need = any(acc[x] < float(mass[h]) * total[x] and m[x] > 0 for x in range(R))
+                if f or need or float(mass[h]) >= 1.0:
                     kept.add((kind, i))
-                    kept_mass += m
-                acc += m
+                    kept_mass = [a + b for a, b in zip(kept_mass, m)]
+                acc = [a + b for a, b in zip(acc, m)]
             out[b, h] = kept
-            out["mass", b, h] = {(kind, i): (math.inf if f and kind == "g" else m) for f, r, m, kind, i in cands}
-            out["reached", b, h] = kept_mass >= float(mass[h]) * total * (1 - 1e-6)
+            out["mass", b, h] = {(kind, i): (math.inf if f and kind == "g" else max(m)) for f, r, m, kind, i in cands}
+            out["reached", b, h] = all(kept_mass[x] >= float(mass[h]) * total[x] * (1 - 1e-6) for x in range(R))
     return out
 
 
