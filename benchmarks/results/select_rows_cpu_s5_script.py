@@ -1,5 +1,6 @@
+# CPU diagnostic of session 5 (run from the repo root: PYTHONPATH=. python benchmarks/results/select_rows_cpu_s5_script.py 131072 mixed 0.95,0.99)
 import sys, torch, math, time
-sys.path.insert(0, '/work/main/benchmarks')
+sys.path.insert(0, 'benchmarks')
 from structured import structured_qkv
 from mif_compile import ops
 from kernels import reference as R
