@@ -78,8 +78,11 @@ def _sparse_attn_kernel(
     d_ok = offs_d < D_QK
     dv_ok = offs_dv < D_V
     row_ok = offs_m < N
+    # row and key offsets times a stride are 64-bit too: in the [B, N, H, D] layout of a transposed view
+    # (what transformers passes) stride_qn is H * D, and 1M rows x 4096 overflow int32
+    rows64 = offs_m.to(tl.int64)
 
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
+    q_ptrs = Q + b * stride_qb + h * stride_qh + rows64[:, None] * stride_qn + offs_d[None, :]
     if EVEN_M:
         q = _load_2d(q_ptrs, row_ok, d_ok, False, PAD_D)
     else:
@@ -103,8 +106,8 @@ def _sparse_attn_kernel(
     for i in range(0, n_full):
         start = tl.load(bo_ptr + i)
         cols = start + offs_n
-        k = _load_2d(k_base + cols[None, :] * stride_kn + offs_d[:, None], d_ok, cols, PAD_D, False)
-        v = _load_2d(v_base + cols[:, None] * stride_vn + offs_dv[None, :], cols, dv_ok, False, PAD_DV)
+        k = _load_2d(k_base + cols[None, :].to(tl.int64) * stride_kn + offs_d[:, None], d_ok, cols, PAD_D, False)
+        v = _load_2d(v_base + cols[:, None].to(tl.int64) * stride_vn + offs_dv[None, :], cols, dv_ok, False, PAD_DV)
         qk = tl.dot(q, k) * qk_scale
         if HAS_PADDING:
             real = tl.load(pad_base + cols)
@@ -115,8 +118,8 @@ def _sparse_attn_kernel(
         start = tl.load(bo_ptr + i)
         cols = start + offs_n
         in_n = cols < N
-        k = _load_2d(k_base + cols[None, :] * stride_kn + offs_d[:, None], d_ok, in_n, PAD_D, True)
-        v = _load_2d(v_base + cols[:, None] * stride_vn + offs_dv[None, :], in_n, dv_ok, True, PAD_DV)
+        k = _load_2d(k_base + cols[None, :].to(tl.int64) * stride_kn + offs_d[:, None], d_ok, in_n, PAD_D, True)
+        v = _load_2d(v_base + cols[:, None].to(tl.int64) * stride_vn + offs_dv[None, :], in_n, dv_ok, True, PAD_DV)
         qk = tl.dot(q, k) * qk_scale
         ok = (cols[None, :] <= offs_m[:, None]) & in_n[None, :]
         if HAS_PADDING:
@@ -128,8 +131,8 @@ def _sparse_attn_kernel(
     for c0 in range(0, n_col, BLOCK_N):
         live = (c0 + offs_n) < n_col
         cols = tl.load(ci_ptr + c0 + offs_n, mask=live, other=0)
-        k = _load_2d(k_base + cols[None, :] * stride_kn + offs_d[:, None], d_ok, live, PAD_D, True)
-        v = _load_2d(v_base + cols[:, None] * stride_vn + offs_dv[None, :], live, dv_ok, True, PAD_DV)
+        k = _load_2d(k_base + cols[None, :].to(tl.int64) * stride_kn + offs_d[:, None], d_ok, live, PAD_D, True)
+        v = _load_2d(v_base + cols[:, None].to(tl.int64) * stride_vn + offs_dv[None, :], live, dv_ok, True, PAD_DV)
         qk = tl.dot(q, k) * qk_scale
         ok = live
         if HAS_PADDING:
@@ -139,7 +142,7 @@ def _sparse_attn_kernel(
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
-    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_dv[None, :]
+    o_ptrs = Out + b * stride_ob + h * stride_oh + rows64[:, None] * stride_on + offs_dv[None, :]
     if EVEN_M:
         if PAD_DV:
             tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=dv_ok[None, :])

@@ -29,7 +29,7 @@ _TILE_O = 64
 def _scores(q, K, kk, rows, ql_rows_ok, N, PAD, b, stride_kn, offs_d, qk_scale, D_QK, HAS_PADDING: tl.constexpr):
     # scores of the query tile against keys kk (log2 domain); -inf where a key is not visible
     kin = (kk >= 0) & (kk < N)
-    k = tl.load(K + kk[None, :] * stride_kn + offs_d[:, None], mask=kin[None, :] & (offs_d[:, None] < D_QK),
+    k = tl.load(K + kk[None, :].to(tl.int64) * stride_kn + offs_d[:, None], mask=kin[None, :] & (offs_d[:, None] < D_QK),
                 other=0.0)
     s = tl.dot(q, k) * qk_scale
     ok = kin[None, :] & (kk[None, :] <= rows[:, None]) & ql_rows_ok[:, None]
@@ -50,7 +50,7 @@ def _last_queries(Q, K, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, N
     rows = N - QL + r
     rok = r < QL
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :],
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None].to(tl.int64) * stride_qn + offs_d[None, :],
                 mask=rok[:, None] & (offs_d[None, :] < D_QK), other=0.0)
     Kb = K + b * stride_kb + (h // GROUPS) * stride_kh
     return bh, b, r, rows, rok, offs_d, q, Kb

@@ -95,3 +95,28 @@ def test_index_kernel_equals_reference_at_length():
                           K.build_vs_index(v_idx.cpu(), s_off.cpu(), torch.zeros(H, dtype=torch.int64),
                                            impl="reference", **caps)):
         assert torch.equal(x.cpu(), y), name
+
+
+def test_transformers_layout_past_int32_offsets():
+    """q/k/v as transformers passes them (transposed views of [B, N, H, D]): stride_n is H * D, so row x
+    stride passes 2**31 elements once N * H * D does (1M tokens x 32 heads x 128). The kernels must give
+    what they give on contiguous copies (whose row strides stay small), not read out of bounds."""
+    N, H, Hkv, D = 589_824, 32, 8, 128  # N * H * D = 2.4e9 > 2**31
+    assert N * H * D > 2**31
+    g = torch.Generator(device="cuda").manual_seed(11)
+    q = torch.randn(1, N, H, D, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+    k = torch.randn(1, N, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+    v = torch.randn(1, N, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+    assert q.stride(2) == H * D
+    col, diag = K.vertical_slash_scores(q, k, last_q=64, scale=D ** -0.5, impl="triton")
+    col_c, diag_c = K.vertical_slash_scores(q.contiguous(), k.contiguous(), last_q=64, scale=D ** -0.5, impl="triton")
+    assert torch.equal(col, col_c) and torch.equal(diag, diag_c)
+    v_idx, s_off = K.vertical_slash_topk(col, diag, torch.full((H,), 1000), torch.full((H,), 2000))
+    idx = K.build_vs_index(v_idx, s_off, torch.zeros(H, dtype=torch.int64), seq_len=N, block_m=128,
+                           cap_s=K.max_blocks_per_row(N), cap_v=1000)
+    out = K.sparse_attention(q, k, v, idx, scale=D ** -0.5, block_m=128, impl="triton")
+    out_c = K.sparse_attention(q.contiguous(), k.contiguous(), v.contiguous(), idx, scale=D ** -0.5, block_m=128,
+                               impl="triton")
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, out_c, rtol=0, atol=0)
