@@ -60,9 +60,9 @@ def _sparse_attn_kernel(
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
-    qk_scale, N, H, NM,
+    qk_scale, N, H, NM, cap_s, cap_v,
     GROUPS: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    PAD_D: tl.constexpr, PAD_DV: tl.constexpr, CAP_S: tl.constexpr, CAP_V: tl.constexpr,
+    PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, HAS_PADDING: tl.constexpr,
 ):
     m = NM - 1 - tl.program_id(0)  # longest rows first
@@ -94,8 +94,8 @@ def _sparse_attn_kernel(
     row = bh * NM + m
     n_blk = tl.load(BC + row)
     n_col = tl.load(CC + row)
-    bo_ptr = BO + row.to(tl.int64) * CAP_S
-    ci_ptr = CI + row.to(tl.int64) * CAP_V
+    bo_ptr = BO + row.to(tl.int64) * cap_s
+    ci_ptr = CI + row.to(tl.int64) * cap_v
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -184,8 +184,8 @@ def sparse_attention(q, k, v, index, *, scale, block_m, block_n=64, key_padding=
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        scale * _LOG2E, N, H, NM,
-        GROUPS=groups, D_QK=D, D_V=Dv, HEAD_DIM=hd, HEAD_DIM_V=hdv, PAD_D=hd != D, PAD_DV=hdv != Dv, CAP_S=bo.shape[-1], CAP_V=ci.shape[-1],
+        scale * _LOG2E, N, H, NM, bo.shape[-1], ci.shape[-1],  # caps are run-time values: no compile per length
+        GROUPS=groups, D_QK=D, D_V=Dv, HEAD_DIM=hd, HEAD_DIM_V=hdv, PAD_D=hd != D, PAD_DV=hdv != Dv,
         BLOCK_M=block_m, BLOCK_N=block_n, EVEN_M=(N % block_m == 0), HAS_PADDING=key_padding is not None,
         num_warps=num_warps or w, num_stages=num_stages or s,
     )

@@ -29,9 +29,8 @@ _INT32_MAX = 2**31 - 1
 def _vs_index_kernel(
     ODESC, RUNID, RFIRST, RLO, NS, NR, VS, NV, NSINK,
     BC, BO, CC, CI,
-    N, H, NM, S, V,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAP_S: tl.constexpr, CAP_V: tl.constexpr,
-    LOG_S: tl.constexpr, LOG_CAP: tl.constexpr, EMIT: tl.constexpr, VT: tl.constexpr,
+    N, H, NM, S, V, cap_s, cap_v, log_s, log_cap,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EMIT: tl.constexpr, VT: tl.constexpr,
 ):
     m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -39,8 +38,8 @@ def _vs_index_kernel(
     m0 = m * BLOCK_M
     row_end = tl.minimum(m0 + BLOCK_M, N)
     row = bh * NM + m
-    bo_ptr = BO + row.to(tl.int64) * CAP_S
-    ci_ptr = CI + row.to(tl.int64) * CAP_V
+    bo_ptr = BO + row.to(tl.int64) * cap_s
+    ci_ptr = CI + row.to(tl.int64) * cap_v
     o_ptr = ODESC + bh.to(tl.int64) * S
     ns = tl.load(NS + bh)
     nr = tl.load(NR + bh)
@@ -49,7 +48,7 @@ def _vs_index_kernel(
     # first slash whose window is not empty: offsets are descending, find the first o < m0 + BLOCK_M
     lo = 0
     hi = ns
-    for _ in range(LOG_S):
+    for _ in range(log_s):
         live = lo < hi
         mid = (lo + hi) // 2
         om = tl.load(o_ptr + mid, mask=live, other=0)
@@ -75,7 +74,7 @@ def _vs_index_kernel(
         # emit the current run unless this one joins it
         stop = tl.minimum(cur_e, row_end)
         nb = tl.where(have & ~merge & (stop > cur_s), (stop - cur_s + BLOCK_N - 1) // BLOCK_N, 0)
-        nb = tl.minimum(nb, CAP_S - cnt)
+        nb = tl.minimum(nb, cap_s - cnt)
         for e0 in range(0, nb, EMIT):
             tl.store(bo_ptr + cnt + e0 + j, cur_s + (e0 + j) * BLOCK_N, mask=(e0 + j) < nb)
         cnt += nb
@@ -84,12 +83,12 @@ def _vs_index_kernel(
         have = e_r > -1  # always true; keeps the loop-carried type an i1 tensor
     stop = tl.minimum(cur_e, row_end)
     nb = tl.where(have & (stop > cur_s), (stop - cur_s + BLOCK_N - 1) // BLOCK_N, 0)
-    nb = tl.minimum(nb, CAP_S - cnt)
+    nb = tl.minimum(nb, cap_s - cnt)
     for e0 in range(0, nb, EMIT):
         tl.store(bo_ptr + cnt + e0 + j, cur_s + (e0 + j) * BLOCK_N, mask=(e0 + j) < nb)
     cnt += nb
-    for e0 in range(cnt, CAP_S, EMIT):
-        tl.store(bo_ptr + e0 + j, tl.full([EMIT], -1, tl.int32), mask=(e0 + j) < CAP_S)
+    for e0 in range(cnt, cap_s, EMIT):
+        tl.store(bo_ptr + e0 + j, tl.full([EMIT], -1, tl.int32), mask=(e0 + j) < cap_s)
     tl.store(BC + row, cnt)
     tl.debug_barrier()  # the column filter reads the blocks written above
 
@@ -106,7 +105,7 @@ def _vs_index_kernel(
         keep = live & (c < m0) & (c != prev)
         blo = tl.zeros([VT], tl.int32)
         bhi = tl.zeros([VT], tl.int32) + cnt
-        for _ in range(LOG_CAP):
+        for _ in range(log_cap):
             blive = blo < bhi
             mid = (blo + bhi) // 2
             sm = tl.load(bo_ptr + mid, mask=blive, other=0)
@@ -116,11 +115,11 @@ def _vs_index_kernel(
         sb = tl.load(bo_ptr + blo - 1, mask=blo > 0, other=0)
         keep = keep & ~((blo > 0) & (c < sb + BLOCK_N))
         pos = ccount + tl.cumsum(keep.to(tl.int32), 0) - 1
-        tl.store(ci_ptr + pos, c, mask=keep & (pos < CAP_V))
+        tl.store(ci_ptr + pos, c, mask=keep & (pos < cap_v))
         ccount += tl.sum(keep.to(tl.int32), 0)
-    ccount = tl.minimum(ccount, CAP_V)
-    for e0 in range(ccount, CAP_V, VT):
-        tl.store(ci_ptr + e0 + vj, tl.full([VT], -1, tl.int32), mask=(e0 + vj) < CAP_V)
+    ccount = tl.minimum(ccount, cap_v)
+    for e0 in range(ccount, cap_v, VT):
+        tl.store(ci_ptr + e0 + vj, tl.full([VT], -1, tl.int32), mask=(e0 + vj) < cap_v)
     tl.store(CC + row, ccount)
 
 
@@ -163,9 +162,9 @@ def build_vs_index(v_idx, s_off, n_sink, *, seq_len, block_m, block_n=64, cap_s,
     _vs_index_kernel[(NM, B * H)](
         o, run_id, rfirst[..., :S].contiguous(), rlo[..., :S].contiguous(), ns, nr, vs, nv, nsink,
         bc, bo, cc, ci,
-        seq_len, H, NM, S, max(V, 1),
-        BLOCK_M=block_m, BLOCK_N=block_n, CAP_S=cap_s, CAP_V=cap_v,
-        LOG_S=_log2_ceil(S), LOG_CAP=_log2_ceil(cap_s), EMIT=64, VT=256,
+        # caps and their log2 are run-time values, so a new prompt length does not compile the kernel again
+        seq_len, H, NM, S, max(V, 1), cap_s, cap_v, _log2_ceil(S), _log2_ceil(cap_s),
+        BLOCK_M=block_m, BLOCK_N=block_n, EMIT=64, VT=256,
         num_warps=4,
     )
     return bc, bo, cc, ci

@@ -99,3 +99,38 @@ def test_attention_kernel_propagates_nan_like_the_reference(dtype):
     assert torch.isnan(ref).any() and torch.equal(torch.isnan(out), torch.isnan(ref))
     ok = ~torch.isnan(ref)
     torch.testing.assert_close(out[ok].double(), ref[ok], rtol=2e-3, atol=2e-3)
+
+
+def test_compile_time_constants_do_not_depend_on_the_length(monkeypatch):
+    """Every new value of a kernel's tl.constexpr arguments compiles it again (seconds on a GPU), so
+    they must not follow the prompt length: caps and split counts are run-time arguments. The
+    keyword arguments of each launch are its constexprs; they must be equal at two lengths."""
+    from mif_compile.kernels import attention, estimate, index
+
+    seen: dict[str, list[dict]] = {}
+
+    class Recorder:
+        def __init__(self, name, fn):
+            self.name, self.fn = name, fn
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.setdefault(self.name, []).append(kwargs)
+                return self.fn[grid](*args, **kwargs)
+            return launch
+
+    for mod, name in ((attention, "_sparse_attn_kernel"), (index, "_vs_index_kernel"),
+                      (estimate, "_row_stats_kernel"), (estimate, "_col_diag_kernel")):
+        monkeypatch.setattr(mod, name, Recorder(name, getattr(mod, name)))
+    H, D = 2, 16
+    for n in (1024, 1536):  # both multiples of block_m (EVEN_M), the same budgets
+        g = torch.Generator().manual_seed(n)
+        q, k, v = (torch.randn(1, H, n, D, generator=g) for _ in range(3))
+        col, diag = K.vertical_slash_scores(q, k, last_q=64, scale=D ** -0.5, impl="triton")
+        v_idx, s_off = K.vertical_slash_topk(col, diag, [30] * H, [200] * H)
+        idx = K.build_vs_index(v_idx, s_off, torch.zeros(H, dtype=torch.int64), seq_len=n, block_m=128,
+                               cap_s=K.max_blocks_per_row(n), cap_v=30, impl="triton")
+        K.sparse_attention(q, k, v, idx, scale=D ** -0.5, block_m=128, impl="triton")
+    assert sorted(seen) == ["_col_diag_kernel", "_row_stats_kernel", "_sparse_attn_kernel", "_vs_index_kernel"]
+    for name, calls in seen.items():
+        assert len(calls) == 2 and calls[0] == calls[1], (name, calls)
