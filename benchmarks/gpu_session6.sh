@@ -5,6 +5,10 @@
 #                                           # fixed vs mass 0.95/0.98/0.99, 4 mixes, 128K-1M), random q/k
 #   bash benchmarks/gpu_session6.sh model   # whole model, 32 layers, structured mixed, 128K + 256K
 #   bash benchmarks/gpu_session6.sh kv      # bench_snapkv: 1M (dense estimated, sparse + kv_budget), 512K
+# Not run yet (written after the session's device time was spent):
+#   bash benchmarks/gpu_session6.sh speed   # the kernels after the 64-bit offsets and run-time caps, against
+#                                           # the op-stage numbers: mixed, 128K + 1M, fixed + mass 0.98
+#   bash benchmarks/gpu_session6.sh model512  # whole model, 32 layers, 512K, fixed + mass 0.98
 # Each step has its own timeout so the stage ends, and tars what it has, inside the call's limit.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
@@ -32,6 +36,13 @@ case $stage in
     timeout $(( $(left) - 5 )) python3 benchmarks/bench_snapkv.py --structured mixed --lengths 524288 \
       --budgets 4096 --decode-tokens 16 --out "$d" --tag _512k_s6 2>&1 | grep -v -i warn \
       | tee "$d/kv_512k.log" | tail -30 ;;
+  speed)
+    timeout $(( $(left) - 5 )) python3 benchmarks/bench_structured.py --mixes mixed --lengths 131072 1048576 \
+      --mass 0.98 --out "$d" --tag _speed 2>&1 | grep -v -i warn | tee "$d/speed.log" | tail -12 ;;
+  model512)
+    timeout $(( $(left) - 5 )) python3 benchmarks/bench_prefill.py --structured mixed --layers 32 \
+      --lengths 524288 --plans vs --mass 0.98 --out "$d" --tag _512k 2>&1 | grep -v -i warn \
+      | grep -v "^  run     layer" | tee "$d/model512.log" | tail -12 ;;
 esac
 echo "::: $stage done in $((SECONDS - T0)) s"
 tar czf "$out/$stage.tgz" -C "$out" "$stage"
