@@ -3,7 +3,7 @@ import sys, torch, math, time
 sys.path.insert(0, 'benchmarks')
 from structured import structured_qkv
 from mif_compile import ops
-from kernels import reference as R
+from mif_compile.kernels import reference as R
 N = int(sys.argv[1]); mix = sys.argv[2]
 masses = [float(x) for x in sys.argv[3].split(",")] if len(sys.argv) > 3 else [0.99]
 H, G, D, BM = 8, 2, 128, 128
