@@ -106,8 +106,9 @@ def _sparse_attn_kernel(
     for i in range(0, n_full):
         start = tl.load(bo_ptr + i)
         cols = start + offs_n
-        k = _load_2d(k_base + cols[None, :].to(tl.int64) * stride_kn + offs_d[:, None], d_ok, cols, PAD_D, False)
-        v = _load_2d(v_base + cols[:, None].to(tl.int64) * stride_vn + offs_dv[None, :], cols, dv_ok, False, PAD_DV)
+        c64 = cols.to(tl.int64)
+        k = _load_2d(k_base + c64[None, :] * stride_kn + offs_d[:, None], d_ok, cols, PAD_D, False)
+        v = _load_2d(v_base + c64[:, None] * stride_vn + offs_dv[None, :], cols, dv_ok, False, PAD_DV)
         qk = tl.dot(q, k) * qk_scale
         if HAS_PADDING:
             real = tl.load(pad_base + cols)
@@ -118,8 +119,9 @@ def _sparse_attn_kernel(
         start = tl.load(bo_ptr + i)
         cols = start + offs_n
         in_n = cols < N
-        k = _load_2d(k_base + cols[None, :].to(tl.int64) * stride_kn + offs_d[:, None], d_ok, in_n, PAD_D, True)
-        v = _load_2d(v_base + cols[:, None].to(tl.int64) * stride_vn + offs_dv[None, :], in_n, dv_ok, True, PAD_DV)
+        c64 = cols.to(tl.int64)
+        k = _load_2d(k_base + c64[None, :] * stride_kn + offs_d[:, None], d_ok, in_n, PAD_D, True)
+        v = _load_2d(v_base + c64[:, None] * stride_vn + offs_dv[None, :], in_n, dv_ok, True, PAD_DV)
         qk = tl.dot(q, k) * qk_scale
         ok = (cols[None, :] <= offs_m[:, None]) & in_n[None, :]
         if HAS_PADDING:
@@ -131,8 +133,9 @@ def _sparse_attn_kernel(
     for c0 in range(0, n_col, BLOCK_N):
         live = (c0 + offs_n) < n_col
         cols = tl.load(ci_ptr + c0 + offs_n, mask=live, other=0)
-        k = _load_2d(k_base + cols[None, :].to(tl.int64) * stride_kn + offs_d[:, None], d_ok, live, PAD_D, True)
-        v = _load_2d(v_base + cols[:, None].to(tl.int64) * stride_vn + offs_dv[None, :], live, dv_ok, True, PAD_DV)
+        c64 = cols.to(tl.int64)
+        k = _load_2d(k_base + c64[None, :] * stride_kn + offs_d[:, None], d_ok, live, PAD_D, True)
+        v = _load_2d(v_base + c64[:, None] * stride_vn + offs_dv[None, :], live, dv_ok, True, PAD_DV)
         qk = tl.dot(q, k) * qk_scale
         ok = live
         if HAS_PADDING:

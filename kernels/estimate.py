@@ -131,9 +131,9 @@ def vertical_slash_scores(q, k, *, last_q, scale, key_padding=None, num_warps=4)
     groups = H // k.shape[1]
     if q.stride(-1) != 1 or k.stride(-1) != 1:
         q, k = q.contiguous(), k.contiguous()
-    # enough splits to fill the GPU in pass 1, each at least a few key tiles long
-    # (SPLIT is a compile-time constant: it depends on B * H only, so a new prompt length does not
-    # compile again; at short N the trailing splits are empty, which the combine step allows)
+    # enough splits to fill the GPU in pass 1; SPLIT is a compile-time constant, so it depends on B * H
+    # only and a new prompt length does not compile again (at short N the trailing splits are empty,
+    # which the combine step allows)
     split = max(1, min(64, triton.next_power_of_2(max(1, 512 // max(1, B * H)))))
     keys_per_split = math.ceil(math.ceil(N / split) / BK) * BK
     dev = q.device
