@@ -356,15 +356,16 @@ def sparse_index(q, k, key_padding, scale, patterns, budget0, budget1, min_seq_l
                               vs_scores=vs_scores, mass=mass, info=info)
     check = max_density < 1.0
     density = None
-    missed = None  # (adaptive heads that ran the fixed choice, adaptive heads), when read
+    missed = None  # (adaptive heads short of their target, adaptive heads, those that ran the fixed choice)
     if (check or (record and _STATS is not None)) and not _capturing(q):
         # one tiny device->host read per layer (never while a CUDA graph is captured): when the
         # estimated index keeps most causal pairs (e.g. scattered slashes on unstructured attention),
         # dense SDPA is the faster kernel; the adaptive heads' missed targets come in the same read
         kept = kept_density(index, n, block_m)
         if "missed" in info:
-            kept, n_missed = torch.stack([kept, info["missed"].to(kept.dtype)]).tolist()
-            missed = (int(n_missed), info["adaptive"])
+            kept, n_missed, n_fixed = torch.stack(
+                [kept, info["missed"].to(kept.dtype), info["fixed"].to(kept.dtype)]).tolist()
+            missed = (int(n_missed), info["adaptive"], int(n_fixed))
         density = float(kept)
         fall_back = check and density > max_density
         if record:
@@ -396,7 +397,8 @@ def build_layer_index(
     mass-targeted selection for heads with ``mass[h] > 0``) and index building as the op runs them.
     ``vs_scores`` reuses a ``vertical_slash_scores`` result. ``info`` (a dict, optional) receives, for a
     layer with adaptive heads, ``adaptive`` (their count over the batch, an int) and ``missed`` (a device
-    scalar: how many of them did not reach the target within the caps and run the fixed choice)."""
+    scalar: how many of them did not reach the target within the caps) and ``fixed`` (a device scalar: how
+    many of those run the fixed choice, their caps holding less than ``STRUCTURE_FLOOR`` of the mass)."""
     from . import kernels as K
 
     n = q.shape[2]
@@ -414,13 +416,18 @@ def build_layer_index(
                                                  v_max=max(lp.v_count), s_max=max(lp.s_count))
             if lp.has_adaptive_vs:
                 adaptive = [i for i, m in enumerate(lp.mass) if m > 0]
-                va, sa, reached = K.vertical_slash_select(
+                va, sa, share = K.vertical_slash_select(
                     col, diag, t["v_count"], t["s_count"], t["mass"], last_q=last_q,
                     v_max=max(lp.v_count[i] for i in adaptive), s_max=max(lp.s_count[i] for i in adaptive))
-                sel = (t["is_adaptive"][None, :] & reached)[..., None]  # [B, H, 1]
+                from .kernels.select import target_outcome
+
+                reached, selected = target_outcome(share, t["mass"])
+                is_adaptive = t["is_adaptive"][None, :]
+                sel = (is_adaptive & selected)[..., None]  # [B, H, 1]
                 if info is not None:
                     info["adaptive"] = b * len(adaptive)
-                    info["missed"] = (t["is_adaptive"][None, :] & ~reached).sum()
+                    info["missed"] = (is_adaptive & ~reached).sum()
+                    info["fixed"] = (is_adaptive & ~selected).sum()
                 vw, sw = max(va.shape[-1], v_idx.shape[-1]), max(sa.shape[-1], s_off.shape[-1])
                 v_idx = torch.where(sel, _pad_last(va, vw), _pad_last(v_idx, vw))
                 s_off = torch.where(sel, _pad_last(sa, sw), _pad_last(s_off, sw))
@@ -463,7 +470,7 @@ def _record_stat(n: int, density: float, dense: bool, missed: tuple[int, int] | 
         row = {"seq_len": n, "density": density, "fell_back_to_dense": dense,
                "layer": _report.site_layer(site), "mode": "fixed" if missed is None else "mass"}
         if missed is not None:
-            row["adaptive_heads"], row["target_missed"] = missed[1], missed[0]
+            row["adaptive_heads"], row["target_missed"], row["ran_fixed"] = missed[1], missed[0], missed[2]
         _STATS.append(row)
 
 
@@ -471,9 +478,10 @@ class collect_stats:
     """``with collect_stats() as rows:`` records, per sparse layer call, a dict: ``seq_len``, the
     kept-pair ``density``, ``fell_back_to_dense`` (above ``max_density``), ``layer`` (None for a call
     made outside the backend) and ``mode``: ``"fixed"``, or ``"mass"`` for a layer with adaptive heads,
-    which also has ``adaptive_heads`` (their count over the batch) and ``target_missed`` (how many of
-    them did not reach the mass target within the caps and ran the fixed choice). One host read per
-    layer while active."""
+    which also has ``adaptive_heads`` (their count over the batch), ``target_missed`` (how many of
+    them did not reach the mass target within the caps) and ``ran_fixed`` (how many of those ran the
+    fixed choice: their caps held less than ``kernels.select.STRUCTURE_FLOOR`` of the estimated mass;
+    the others kept every candidate within their caps). One host read per layer while active."""
 
     def __enter__(self) -> list:
         global _STATS

@@ -64,7 +64,7 @@ class SiteRuns:
     last_seq_len: int | None = None
     last_density: float | None = None  # kept share of causal pairs, when the op read it
     last_reason: str | None = None  # the newest dense call's reason with its numbers
-    last_missed: tuple | None = None  # adaptive heads: (ran the fixed choice, all), when the op read it
+    last_missed: tuple | None = None  # adaptive heads: (short of the target, all, ran the fixed choice)
     last_kv: tuple | None = None  # KV-cache compression: (prompt length, keys kept per kv head) of the newest call
 
     def format(self) -> str:
@@ -76,10 +76,15 @@ class SiteRuns:
         if self.last_density is not None:
             line += f", kept density {self.last_density:.3f}"
         if self.last_missed is not None:
-            missed, total = self.last_missed
+            missed, total, fixed = self.last_missed
             line += f", mass target reached by {total - missed}/{total} adaptive head(s)"
-            if missed:
-                line += f" ({missed} ran the fixed choice of their caps)"
+            notes = []
+            if missed - fixed:
+                notes.append(f"{missed - fixed} kept every candidate within their caps")
+            if fixed:
+                notes.append(f"{fixed} ran the fixed choice of their caps")
+            if notes:
+                line += " (" + "; ".join(notes) + ")"
         if self.dense:
             line += f"; last dense: {self.last_reason}"
         if self.last_kv is not None:

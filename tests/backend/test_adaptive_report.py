@@ -76,7 +76,8 @@ def test_stats_count_missed_targets_and_dense_fallback_on_random_weights():
         with ops.collect_stats() as rows:
             out = comp(ids).logits
     assert [r["layer"] for r in rows] == [0, 1], rows
-    assert all(r["mode"] == "mass" and r["adaptive_heads"] == 4 and r["target_missed"] > 0 for r in rows), rows
+    assert all(r["mode"] == "mass" and r["adaptive_heads"] == 4 and r["target_missed"] > 0 and
+               r["ran_fixed"] > 0 for r in rows), rows
     assert all(r["fell_back_to_dense"] == (r["density"] > 0.3) for r in rows) and any(r["fell_back_to_dense"] for r in rows)
     text = str(mif_compile.last_report())
     assert "ran the fixed choice of their caps" in text and "density above max_density" in text, text

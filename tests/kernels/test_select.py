@@ -5,7 +5,8 @@ with, the column score minus the mean over the offsets where the key meets the p
 group maxima of the diagonal scores), and so are the groups of the 100 nearest diagonals; then
 64-diagonal groups (mass = the group's diagonal scores less what the kept columns put there, cost 64
 keys, or 192 when both neighbours hold less) by mass / cost, while the mass kept so far is below
-mass * total, within the group cap.
+mass * total, within the group cap. The third output is the kept share of the estimated mass at the
+position where it is lowest; ``target_outcome`` turns it into (target reached, selection used).
 """
 
 import math
@@ -69,7 +70,7 @@ def _loop_select(col, diag, v_count, s_count, mass, last_q, n_force_v=30, n_forc
                 acc = [a + b for a, b in zip(acc, m)]
             out[b, h] = kept
             out["mass", b, h] = {(kind, i): (math.inf if f and kind == "g" else max(m)) for f, r, m, kind, i in cands}
-            out["reached", b, h] = all(kept_mass[x] >= float(mass[h]) * total[x] * (1 - 1e-6) for x in range(R))
+            out["share", b, h] = min(1.0, min(kept_mass[x] / total[x] if total[x] > 0 else 1.0 for x in range(R)))
     return out
 
 
@@ -105,12 +106,12 @@ def test_select_matches_the_rule(N, H, seed, v, s, m, last_q, spiky):
     vc = torch.tensor([min(N, v + 7 * h) for h in range(H)])
     sc = torch.tensor([min(N, s + 33 * h) for h in range(H)])
     mass = torch.tensor([m * (1 - 0.1 * h) for h in range(H)], dtype=torch.float32)
-    v_idx, s_off, reached = K.vertical_slash_select(col, diag, vc, sc, mass, last_q=last_q)
+    v_idx, s_off, share = K.vertical_slash_select(col, diag, vc, sc, mass, last_q=last_q)
     got, want = _as_sets(v_idx, s_off), _loop_select(col, diag, vc, sc, mass, last_q)
     for key in want:
-        if key[0] == "reached":
+        if key[0] == "share":
             _, b, h = key
-            assert bool(reached[b, h]) == want[key] or abs(float(mass[h])) < 1e-6, key
+            assert float(share[b, h]) == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
         elif key[0] != "mass":
             # candidates of equal (zero) mass may be cut by the caps in either order: compare the rest
             m = want["mass", *key]
@@ -176,3 +177,32 @@ def test_validation_names_the_argument(impl):
         K.vertical_slash_select(col, diag, 30, 50, [0.5, 1.5], last_q=64)
     with pytest.raises(ValueError, match="one entry per head"):
         K.vertical_slash_select(col, diag, 30, 50, [0.5, 0.5, 0.5], last_q=64)
+
+
+def test_target_outcome_keeps_the_selection_above_the_structure_floor():
+    """Short of the target but above STRUCTURE_FLOOR: the head keeps its selection (every candidate within
+    its caps); below the floor (too little structure for the caps) it runs the fixed choice."""
+    from mif_compile.kernels.select import STRUCTURE_FLOOR, target_outcome
+
+    share = torch.tensor([[1.0, 0.985, STRUCTURE_FLOOR - 0.01, 0.5, 0.3]])
+    mass = torch.tensor([0.99, 0.99, 0.99, 0.5, 0.5])
+    reached, selected = target_outcome(share, mass)
+    assert reached.tolist() == [[True, False, False, True, False]]
+    assert selected.tolist() == [[True, True, False, True, False]]
+
+
+def test_share_separates_structure_from_noise():
+    """Concentrated scores: the caps hold nearly all the estimated mass; flat (random-like) scores: a
+    small share, under the floor, so such a head runs the fixed choice."""
+    from mif_compile.kernels.select import STRUCTURE_FLOOR
+
+    N = 8192
+    diag = torch.full((1, 1, N), 1e-7)
+    diag[..., :512] = 1.0
+    col = torch.full((1, 1, N), 1e-7)
+    col[..., 0] = 5.0
+    *_, share = K.vertical_slash_select(col, diag, 100, 1024, 1.0, last_q=64)
+    assert float(share) > 0.99
+    col, diag = _scores(1, 1, N, 7, False)
+    *_, share = K.vertical_slash_select(col, diag, 100, 1024, 1.0, last_q=64)
+    assert float(share) < STRUCTURE_FLOOR
