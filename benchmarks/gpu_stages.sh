@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# GPU stages on one H200, one stage per 10-minute device call; everything lands in $OUT/<stage>.tgz (the
+# device returns at most 8 files a call) plus the stage's log. (Session 6 ran op, model and kv of this
+# script, then named gpu_session6.sh, with MASSES="0.95 0.98 0.99" and TAG=_s6.)
+#   bash benchmarks/gpu_stages.sh op        # cuda tests of the index, bench_structured (fixed vs each of
+#                                           # $MASSES, 4 mixes, 128K-1M)
+#   bash benchmarks/gpu_stages.sh random    # random q/k at 128K + 512K, each of $MASSES (never slower)
+#   bash benchmarks/gpu_stages.sh model     # whole model, 32 layers, structured mixed, 128K + 256K, dense,
+#                                           # fixed and $MODEL_MASSES
+#   bash benchmarks/gpu_stages.sh model512  # the same at 512K
+#   bash benchmarks/gpu_stages.sh kv        # bench_snapkv: 1M (dense estimated, sparse + kv_budget), 512K
+#   bash benchmarks/gpu_stages.sh eval      # mif-compile eval on the shipped model, 64K + 128K, op defaults,
+#                                           # ours (fixed) and ours_adaptive at $EVAL_MASS, and baselines
+# Each step has its own timeout so the stage ends, and tars what it has, inside the call's limit.
+set -uo pipefail
+export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+stage=${1:-op}
+MASSES=${MASSES:-0.98 0.99 1.0}
+MODEL_MASSES=${MODEL_MASSES:-1.0 0.99}
+EVAL_MASS=${EVAL_MASS:-1.0}
+TAG=${TAG:-_s7}
+out=${OUT:-/tmp/out}; d="$out/$stage"; mkdir -p "$d"
+T0=$SECONDS
+left() { echo $(( ${LIMIT:-570} - (SECONDS - T0) )); }
+python3 -m pip install -q -e . --no-deps --no-build-isolation 2>&1 | tail -3
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$d/gpu.txt"
+case $stage in
+  op)
+    timeout 90 python3 -m pytest -q -p no:cacheprovider -m cuda tests/backend/test_cuda_adaptive.py 2>&1 \
+      | tail -6 | tee "$d/tests.log"
+    timeout $(( $(left) - 5 )) python3 benchmarks/bench_structured.py --mixes mixed local slash vertical \
+      --mass $MASSES --out "$d" --tag "$TAG" 2>&1 | grep -v -i warn | tee "$d/op.log" | tail -75 ;;
+  random)
+    timeout $(( $(left) - 5 )) python3 benchmarks/bench_structured.py --mixes random --lengths 131072 524288 \
+      --mass $MASSES --out "$d" --tag "_random$TAG" 2>&1 | grep -v -i warn | tee "$d/random.log" | tail -12 ;;
+  model)
+    timeout $(( $(left) - 5 )) python3 benchmarks/bench_prefill.py --structured mixed --layers 32 \
+      --lengths 131072 262144 --plans vs --mass $MODEL_MASSES --out "$d" --tag "$TAG" 2>&1 | grep -v -i warn \
+      | tee "$d/model.log" | tail -40 ;;
+  model512)
+    timeout $(( $(left) - 5 )) python3 benchmarks/bench_prefill.py --structured mixed --layers 32 \
+      --lengths 524288 --plans vs --mass $MODEL_MASSES --out "$d" --tag "_512k$TAG" 2>&1 | grep -v -i warn \
+      | grep -v "^  run     layer" | tee "$d/model512.log" | tail -12 ;;
+  kv)
+    timeout 330 python3 benchmarks/bench_snapkv.py --structured mixed --lengths 1048576 --budgets 4096 \
+      --skip sparse --decode-tokens 16 --out "$d" --tag "_1m$TAG" 2>&1 | grep -v -i warn | tee "$d/kv_1m.log" | tail -30
+    timeout $(( $(left) - 5 )) python3 benchmarks/bench_snapkv.py --structured mixed --lengths 524288 \
+      --budgets 4096 --decode-tokens 16 --out "$d" --tag "_512k$TAG" 2>&1 | grep -v -i warn \
+      | tee "$d/kv_512k.log" | tail -30 ;;
+  eval)
+    OUT="$d" LONG_LENGTHS= QS_LENGTHS= TOTAL_S=$(( $(left) - 10 )) EVAL_ARGS="--adaptive $EVAL_MASS" \
+      bash benchmarks/gpu_eval_long.sh 2>&1 | grep -v -i warn | tail -60 ;;
+  *) echo "unknown stage $stage"; exit 2 ;;
+esac
+echo "::: $stage done in $((SECONDS - T0)) s"
+tar czf "$out/$stage.tgz" -C "$out" "$stage"
