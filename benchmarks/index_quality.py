@@ -12,7 +12,7 @@ The kernel's time on the GPU follows the density (plus the estimation, which doe
 choice), so two choices can be compared here at the N of the GPU benchmarks: 128K takes a few
 minutes on 2 cores. Usage, from the repository root:
 
-    python benchmarks/index_quality.py --seq-len 131072 --mix mixed --mass 0.95,0.98,0.99
+    python benchmarks/index_quality.py --seq-len 131072 --mix mixed,slash --mass 0.95,0.98,0.99 --json out.json
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def oracle_index(P, rows, st, n, target, cap_s_groups=96):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seq-len", type=int, default=131072)
-    ap.add_argument("--mix", default="mixed", choices=sorted(MIXES) + ["random"])
+    ap.add_argument("--mix", default="mixed", help=f"comma-separated, of {sorted(MIXES) + ['random']}")
     ap.add_argument("--mass", default="0.95,0.98,0.99", help="comma-separated mass targets ('' for none)")
     ap.add_argument("--rows", type=int, default=128)
     ap.add_argument("--heads", type=int, default=8)
@@ -143,6 +143,9 @@ def main(argv=None):
     ap.add_argument("--oracle", default="", help="comma-separated targets for the true-mass oracle (a bound)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    bad = [m for m in args.mix.split(",") if m not in (*MIXES, "random")]
+    if bad:
+        ap.error(f"--mix: unknown {bad}; choose from {sorted(MIXES) + ['random']}")
     torch.manual_seed(0)
     from mif_compile.kernels import select as S
 
@@ -161,14 +164,20 @@ def main(argv=None):
             return reached, reached
 
         S.target_outcome = old_outcome
+    runs = [run_mix(mix, args, seen) for mix in args.mix.split(",")]
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(runs, f, indent=1)
+
+
+def run_mix(mix, args, seen):
     n, H, G, D = args.seq_len, args.heads, args.kv_heads, 128
     t0 = time.time()
-    q, k, v, st = structured_qkv(args.mix, heads=H, kv_heads=G, seq_len=n, dtype=torch.bfloat16,
-                                 return_structure=True)
+    q, k, v, st = structured_qkv(mix, heads=H, kv_heads=G, seq_len=n, dtype=torch.bfloat16, return_structure=True)
     scale = D ** -0.5
     rows = torch.linspace(n // 2, n - 1, args.rows).round().long().unique()
     P, O, V = exact_rows(q, k, v, rows, scale)
-    print(f"# {args.mix} N={n} heads {H}/{G}: inputs and exact rows in {time.time() - t0:.0f} s", flush=True)
+    print(f"# {mix} N={n} heads {H}/{G}: inputs and exact rows in {time.time() - t0:.0f} s", flush=True)
     scores = R.vertical_slash_scores(q, k, last_q=64, scale=scale)
     vb, sb = (int(x) for x in args.budgets.split(","))
     out = []
@@ -189,10 +198,8 @@ def main(argv=None):
     for tg in [float(x) for x in args.oracle.split(",") if x and st is not None]:
         out.append(measure(f"oracle{tg}", oracle_index(P, rows, st, n, tg), P, O, V, rows, n, st))
     print(f"# indexes in {time.time() - t1:.0f} s", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(mix=args.mix, seq_len=n, heads=H, kv_heads=G, rows=len(rows), results=out), f, indent=1)
-
+    return dict(mix=mix, seq_len=n, heads=H, kv_heads=G, rows=len(rows), budgets=args.budgets,
+                old_rule=args.old_rule, results=out)
 
 if __name__ == "__main__":
     main()

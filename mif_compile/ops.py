@@ -137,8 +137,8 @@ def _layer_plan(patterns: tuple, b0: tuple, b1: tuple, n: int, block_m: int, mas
         vc = sc = sink = loc = tk = mfx = 0
         if p is Pattern.VERTICAL_SLASH:
             vc, sc = clamp_budget(p, (a, b), n)
-            # an adaptive head falls back to the fixed choice where its target is not reached: the index
-            # is sized for both
+            # an adaptive head runs the fixed choice where its caps hold too little of the estimated mass
+            # (kernels/select.py, STRUCTURE_FLOOR): the index is sized for both
             caps.append(max(sc * (block_m // BLOCK_N + 1) + 1,
                             adaptive_cap_s(slash_group_count(sc), block_m, BLOCK_N)))
             if m > 0:
@@ -411,7 +411,7 @@ def build_layer_index(
             col, diag = vs_scores if vs_scores is not None else K.vertical_slash_scores(
                 q, k, last_q=last_q, scale=scale, key_padding=key_padding, impl=impl)
             # MInference's fixed budgets: the plan for fixed heads, and the fallback of adaptive heads
-            # whose estimated mass does not reach the target within the caps (too little structure)
+            # whose caps hold less than STRUCTURE_FLOOR of the estimated mass (too little structure)
             v_idx, s_off = K.vertical_slash_topk(col, diag, t["v_count"], t["s_count"],
                                                  v_max=max(lp.v_count), s_max=max(lp.s_count))
             if lp.has_adaptive_vs:

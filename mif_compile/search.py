@@ -349,7 +349,7 @@ def candidate_index(q, k, cand: HeadPattern, *, scale: float, last_q: int = 64, 
                     impl: str = "auto", vs_scores=None):
     """The index the op builds when every head of the layer runs ``cand`` (None for dense); a
     candidate with a ``mass`` gets the adaptive index (``kernels/select.py``, with the op's fallback to
-    the fixed choice of its caps where the target is not reached).
+    the fixed choice of its caps where they hold too little of the estimated mass).
 
     q: [B, H, N, D], k: [B, Hkv, N, D]. ``vs_scores``: (col, diag) of ``vertical_slash_scores``,
     reused across vertical-slash candidates when given.
