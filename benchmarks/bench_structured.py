@@ -10,6 +10,8 @@ the device, then, in the same run:
 ``f`` takes q, k and v packed along heads in one tensor whose length is marked dynamic: one compile
 serves every N. (With ``dynamic=True`` the head count is symbolic, and with q, k, v as three inputs
 their lengths are three symbols; either way the pass cannot prove a causal prefill and stays dense.)
+The index alone (estimation, selection, index build: ``search.candidate_index`` with the op's caps and
+target) is timed apart as ``index_ms``; the kernel takes the rest of ``ours_ms``.
 Times are ``triton.testing.do_bench`` medians; kept density from ``mif_compile.ops.collect_stats()``
 (one extra call); output error = relative L2 on 256 sampled rows against exact float32 attention of
 those rows (and against cuDNN). Prints a table, writes JSON rows and a PNG plot to ``--out``.
@@ -75,6 +77,7 @@ def timer(device, rep_ms):
 def main(argv=None) -> list[dict]:
     import mif_compile
     from mif_compile import HeadPattern
+    from mif_compile.search import candidate_index
 
     p = argparse.ArgumentParser()
     p.add_argument("--lengths", type=int, nargs="+", default=[131072, 262144, 524288, 1048576])
@@ -99,6 +102,9 @@ def main(argv=None) -> list[dict]:
     base = dict(impl="reference", min_seq_len=0, max_density=1.0,
                 default_pattern=HeadPattern.vertical_slash(64, 256)) if quick else {}
     modes = {"fixed": base} | {f"mass{m:g}": dict(base, mass=m) for m in args.mass}
+    # the index alone (estimation, selection, index build: what the op runs before the kernel), timed apart
+    caps = (64, 256) if quick else (1000, 6096)
+    cands = {name: HeadPattern.vertical_slash(*caps, mass=o.get("mass")) for name, o in modes.items()}
     h, g, d = args.heads, args.kv_heads, args.head_dim
     f = packed_sdpa(h, g)
     compiled = {name: torch.compile(f, backend=mif_compile.backend(**o), dynamic=False) for name, o in modes.items()}
@@ -132,7 +138,7 @@ def main(argv=None) -> list[dict]:
     print(f"# {gpu}, torch {versions['torch']}, triton {versions['triton']}; {h} query / {g} kv heads, d={d}, "
           f"{dtype}, batch 1; compile (s): {compile_s}")
     print(mif_compile.last_report())
-    print(f"{'N':>8} {'mix':>8} {'mode':>9} {'cuDNN ms':>9} {'ours ms':>9} {'speedup':>8} {'vs fixed':>8} "
+    print(f"{'N':>8} {'mix':>8} {'mode':>9} {'cuDNN ms':>9} {'ours ms':>9} {'index ms':>8} {'speedup':>8} {'vs fixed':>8} "
           f"{'density':>7} {'err ref':>8} {'err cudnn':>9} {'dense err':>9}  95%-keys (median/max), mass shares")
     rows, bench = [], timer(device, 100 if quick else 200)
     for n in args.lengths:
@@ -158,15 +164,19 @@ def main(argv=None) -> list[dict]:
                 dens = sum(s["density"] for s in stats) / max(len(stats), 1)
                 fell = any(s["fell_back_to_dense"] for s in stats)
                 ms = bench(lambda: c(x))
+                index_ms = bench(lambda: candidate_index(q, k, cands[name], scale=scale, block_m=128,
+                                                         impl="reference" if quick else "triton"))
                 fixed_ms = ms if name == "fixed" else fixed_ms
                 row = dict(bench="structured", gpu=gpu, **versions, seq_len=n, mix=mix, mode=name, heads=h, kv_heads=g,
-                           head_dim=d, dtype=str(dtype), cudnn_ms=t_dense, ours_ms=ms, speedup=t_dense / ms,
+                           head_dim=d, dtype=str(dtype), cudnn_ms=t_dense, ours_ms=ms, index_ms=index_ms,
+                           speedup=t_dense / ms,
                            vs_fixed=fixed_ms / ms, density=dens, fell_back_to_dense=fell,
                            err_ref=rel(out, ref), err_cudnn=rel(out, out_dense), err_dense_ref=err_dense,
                            keys95_median=float(kfm.median()), keys95_max=float(kfm.max()), mass_profile=prof,
                            compile_s=compile_s[name])
                 rows.append(row)
-                print(f"{n:>8} {mix:>8} {name:>9} {t_dense:9.2f} {ms:9.2f} {t_dense / ms:7.2f}x {fixed_ms / ms:7.2f}x "
+                print(f"{n:>8} {mix:>8} {name:>9} {t_dense:9.2f} {ms:9.2f} {index_ms:8.2f} {t_dense / ms:7.2f}x "
+                      f"{fixed_ms / ms:7.2f}x "
                       f"{dens:7.3f}{'*' if fell else ' '} {row['err_ref']:8.4f} {row['err_cudnn']:9.4f} "
                       f"{err_dense:9.4f}  {shape}", flush=True)
             del q, k, v, x, ref, out_dense, out

@@ -50,12 +50,36 @@ def exact_rows(q, k, v, rows, scale):
     return P, P @ V, V
 
 
-def kept_mask(index, rows, n):
-    """bool [H, R, N]: the keys the index gives each sampled row (batch 0), causal."""
-    pos, ok = R._kept_keys(index, rows // BLOCK_M, n, 64)
-    m = torch.zeros(pos.shape[1], len(rows), n + 1, dtype=torch.bool)
-    m.scatter_(-1, torch.where(ok[0], pos[0], n), True)
+def kept_mask(indexes, rows, n):
+    """bool [H, R, N]: the keys each head's index (a list, batch 1, one head each) gives each sampled row,
+    causal. Heads are built and read one at a time: at 512K one head's reference index is ~1 GB."""
+    m = torch.zeros(len(indexes), len(rows), n + 1, dtype=torch.bool)
+    for h, index in enumerate(indexes):
+        pos, ok = R._kept_keys(index, rows // BLOCK_M, n, 64)
+        m[h].scatter_(-1, torch.where(ok[0, 0], pos[0, 0], n), True)
     return m[..., :n] & (torch.arange(n)[None, None] <= rows[None, :, None])
+
+
+def layer_index(scores, q, k, scale, vb, sb, mass=None):
+    """The op's index of every head (ops.build_layer_index, reference path), one head per call: a list
+    of per-head indexes, and the summed ``info`` counts and the heads' estimated shares (adaptive)."""
+    H, G = q.shape[1], k.shape[1]
+    out, missed, fixed, shares = [], 0, 0, []
+    for h in range(H):
+        info = {}
+        g = h // (H // G)
+        out.append(ops.build_layer_index(
+            q[:, h:h + 1], k[:, g:g + 1], None, scale, [2], [vb], [sb], impl="reference",
+            vs_scores=(scores[0][:, h:h + 1], scores[1][:, h:h + 1]), mass=None if mass is None else [mass],
+            info=info))
+        if mass is not None:
+            missed += int(info["missed"])
+            fixed += int(info["fixed"])
+            shares.append(round(float(_SEEN["share"][0, 0]), 4))
+    return out, dict(missed=missed, fixed=fixed, shares=shares)
+
+
+_SEEN: dict = {}  # the last selection's estimated share (set by the recording wrapper in main)
 
 
 BINS = ((0, 320), (320, 1024), (1024, 4096), (4096, 16384), (16384, 1 << 40))
@@ -68,7 +92,7 @@ def measure(name, index, P, O, V, rows, n, st):
     Os = (Pm / Pm.sum(-1, keepdim=True).clamp(min=1e-30)) @ V
     err = float((Os - O).norm() / O.norm())
     head_err = ((Os - O).norm(dim=(1, 2)) / O.norm(dim=(1, 2))).tolist()
-    dens = float(ops.kept_density(index, n, BLOCK_M))
+    dens = sum(float(ops.kept_density(x, n, BLOCK_M)) for x in index) / len(index)
     miss = P * ~m
     off = rows[:, None] - torch.arange(n)[None]
     by_off = {f"{lo}-{hi if hi < 1 << 40 else 'N'}": float((miss * ((off >= lo) & (off < hi))).sum(-1).mean())
@@ -124,8 +148,8 @@ def oracle_index(P, rows, st, n, target, cap_s_groups=96):
     from mif_compile.kernels.select import adaptive_cap_s
 
     cap_s = min(adaptive_cap_s(sw // 64, BLOCK_M), ng + 1)
-    return K.build_vs_index(v_idx, s_off, torch.zeros(H, dtype=torch.int64), seq_len=n, block_m=BLOCK_M,
-                            cap_s=cap_s, cap_v=vw, impl="reference")
+    return [K.build_vs_index(v_idx[:, h:h + 1], s_off[:, h:h + 1], torch.zeros(1, dtype=torch.int64), seq_len=n,
+                             block_m=BLOCK_M, cap_s=cap_s, cap_v=vw, impl="reference") for h in range(H)]
 
 
 def main(argv=None):
@@ -149,12 +173,11 @@ def main(argv=None):
     torch.manual_seed(0)
     from mif_compile.kernels import select as S
 
-    seen = {}
     orig_select, orig_outcome = S.vertical_slash_select, S.target_outcome
 
     def recording_select(*a, **kw):  # keeps the estimated kept share for the printout
         out = orig_select(*a, **kw)
-        seen["share"] = out[2]
+        _SEEN["share"] = out[2]
         return out
 
     S.vertical_slash_select = recording_select
@@ -164,13 +187,13 @@ def main(argv=None):
             return reached, reached
 
         S.target_outcome = old_outcome
-    runs = [run_mix(mix, args, seen) for mix in args.mix.split(",")]
+    runs = [run_mix(mix, args) for mix in args.mix.split(",")]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(runs, f, indent=1)
 
 
-def run_mix(mix, args, seen):
+def run_mix(mix, args):
     n, H, G, D = args.seq_len, args.heads, args.kv_heads, 128
     t0 = time.time()
     q, k, v, st = structured_qkv(mix, heads=H, kv_heads=G, seq_len=n, dtype=torch.bfloat16, return_structure=True)
@@ -182,16 +205,12 @@ def run_mix(mix, args, seen):
     vb, sb = (int(x) for x in args.budgets.split(","))
     out = []
     t1 = time.time()
-    idx = ops.build_layer_index(q, k, None, scale, [2] * H, [vb] * H, [sb] * H, impl="reference", vs_scores=scores)
+    idx, _ = layer_index(scores, q, k, scale, vb, sb)
     out.append(measure("fixed", idx, P, O, V, rows, n, st))
     for ms in [float(x) for x in args.mass.split(",") if x]:
-        info = {}
-        idx = ops.build_layer_index(q, k, None, scale, [2] * H, [vb] * H, [sb] * H, impl="reference",
-                                    vs_scores=scores, mass=[ms] * H, info=info)
+        idx, info = layer_index(scores, q, k, scale, vb, sb, ms)
         row = measure(f"mass{ms}", idx, P, O, V, rows, n, st)
-        row["heads_missed"] = int(info.get("missed", -1))
-        row["heads_fixed"] = int(info.get("fixed", -1))
-        row["est_share"] = [round(float(x), 4) for x in seen["share"][0]]
+        row["heads_missed"], row["heads_fixed"], row["est_share"] = info["missed"], info["fixed"], info["shares"]
         print(f"{'':12s} heads short of the target: {row['heads_missed']} of {H}, running the fixed choice: "
               f"{row['heads_fixed']}; estimated kept share (lowest position) per head {row['est_share']}", flush=True)
         out.append(row)

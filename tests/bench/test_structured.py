@@ -106,3 +106,4 @@ def test_bench_structured_quick_runs_on_cpu(tmp_path):
     assert not mixed["fell_back_to_dense"] and 0 < mixed["density"] < 0.9, mixed  # --quick: max_density 1
     assert mixed["err_ref"] < 0.05 and mixed["err_dense_ref"] < 1e-4, mixed
     assert mixed["keys95_median"] < 2048 / 4
+    assert 0 < mixed["index_ms"] and mixed["ours_ms"] > 0  # the index alone is timed apart
