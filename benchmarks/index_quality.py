@@ -165,6 +165,8 @@ def main(argv=None):
                     help="session 6's rule: every adaptive head short of its target runs the fixed-budget choice "
                          "(now only those whose caps hold less than STRUCTURE_FLOOR of the estimated mass)")
     ap.add_argument("--oracle", default="", help="comma-separated targets for the true-mass oracle (a bound)")
+    ap.add_argument("--model", action="store_true",
+                    help="instead of --mix: every layer of the shipped retrieval model on a multi-key prompt")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     bad = [m for m in args.mix.split(",") if m not in (*MIXES, "random")]
@@ -187,17 +189,53 @@ def main(argv=None):
             return reached, reached
 
         S.target_outcome = old_outcome
-    runs = [run_mix(mix, args) for mix in args.mix.split(",")]
+    if args.model:
+        t0 = time.time()
+        layers = model_layers(args.seq_len)
+        print(f"# the shipped model's {len(layers)} layers at N={args.seq_len}: {time.time() - t0:.0f} s", flush=True)
+        runs = [run_mix(f"builtin layer {li}", args, given) for li, given in enumerate(layers)]
+    else:
+        runs = [run_mix(mix, args) for mix in args.mix.split(",")]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(runs, f, indent=1)
 
 
-def run_mix(mix, args):
+def model_layers(n: int, seed: int = 0):
+    """[(q, k, v, scale)] of every layer of the shipped retrieval model (mif_compile/data) on one
+    multi-key prompt of n tokens (16 pairs, as ``mif-compile eval``): one dense fp32 prefill on CPU, q and
+    k after RoPE, recorded by a transformers attention function that then runs SDPA."""
+    from transformers import AttentionInterface, AutoModelForCausalLM
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from mif_compile.evaluate import BUILTIN, _text_for, load_model
+    from mif_compile.tasks import multikey_sample
+
+    rec = []
+
+    def record(module, query, key, value, attention_mask, **kw):
+        rec.append((query.detach(), key.detach(), value.detach(), kw.get("scaling")))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
+
+    AttentionInterface.register("mif_record", record)
+    _, fmt, tok = load_model("builtin", "cpu", torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(BUILTIN, dtype=torch.float32, attn_implementation="mif_record").eval()
+    ids = multikey_sample(fmt, tok.encode(_text_for(fmt, [n])), n, 16, seed).ids
+    with torch.no_grad():
+        model.model(input_ids=torch.tensor([ids]), use_cache=False)
+    return [(q, k, v, scale if scale is not None else q.shape[-1] ** -0.5) for q, k, v, scale in rec]
+
+
+def run_mix(mix, args, given=None):
     n, H, G, D = args.seq_len, args.heads, args.kv_heads, 128
     t0 = time.time()
-    q, k, v, st = structured_qkv(mix, heads=H, kv_heads=G, seq_len=n, dtype=torch.bfloat16, return_structure=True)
-    scale = D ** -0.5
+    if given is not None:  # a model's layer: (q, k, v, scale), no planted structure
+        q, k, v, scale = given
+        st = None
+        H, G = q.shape[1], k.shape[1]
+    else:
+        q, k, v, st = structured_qkv(mix, heads=H, kv_heads=G, seq_len=n, dtype=torch.bfloat16, return_structure=True)
+        scale = D ** -0.5
     rows = torch.linspace(n // 2, n - 1, args.rows).round().long().unique()
     P, O, V = exact_rows(q, k, v, rows, scale)
     print(f"# {mix} N={n} heads {H}/{G}: inputs and exact rows in {time.time() - t0:.0f} s", flush=True)
