@@ -31,3 +31,21 @@ def test_index_quality_reports_the_rule(tmp_path, capsys):
     # the fixed choice is what random heads run: the same index as the fixed budgets
     assert rnd["mass0.99"]["density"] == rnd["fixed"]["density"]
     assert "heads short of the target" in capsys.readouterr().out
+
+
+def test_index_quality_on_the_shipped_model(tmp_path):
+    """--model: q, k, v of both layers of the shipped retrieval model, recorded in one prefill, and the
+    same measurements on them (no planted structure, so no sink/heavy column)."""
+    layers = index_quality.model_layers(2048)
+    assert len(layers) == 2
+    for q, k, v, scale in layers:
+        assert q.shape == (1, 8, 2048, 32) and k.shape == v.shape == (1, 4, 2048, 32) and 0 < scale < 1
+    path = tmp_path / "m.json"
+    index_quality.main(["--model", "--seq-len", "2048", "--mass", "1.0", "--rows", "8", "--budgets", "64,256",
+                        "--json", str(path)])
+    runs = json.loads(path.read_text())
+    assert [r["mix"] for r in runs] == ["builtin layer 0", "builtin layer 1"]
+    for run in runs:
+        rows = {r["name"]: r for r in run["results"]}
+        assert set(rows) == {"fixed", "mass1.0"} and "sink+heavy" not in rows["fixed"]["missed"]
+        assert len(rows["mass1.0"]["est_share"]) == 8 and rows["fixed"]["err"] < 0.5
