@@ -26,7 +26,7 @@ probe rows: a column at key j serves rows >= j and a diagonal at offset o rows >
 near the end (which can hold half of the probe's mass) is no credit for the rows before it, and each
 position's total is the mass its rows can reach. A head whose caps do not allow the target keeps
 every candidate within them, unless they hold less than ``STRUCTURE_FLOOR`` (0.9) of its estimated
-mass: such a head (random-like attention holds 0.03-0.2 there; the structured benchmark inputs
+mass: such a head (random q/k hold 0.02-0.2 there at 32K-256K; the structured benchmark inputs
 0.94-0.997 at 128K) runs the fixed-budget choice instead. Mass is estimated from the last queries only
 (MInference's assumption that the pattern is stable along the sequence), so the target is an
 estimate, not a guarantee for every row.

@@ -83,3 +83,14 @@ def test_stats_count_missed_targets_and_dense_fallback_on_random_weights():
     assert "ran the fixed choice of their caps" in text and "density above max_density" in text, text
     if all(r["fell_back_to_dense"] for r in rows):
         torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
+
+
+def test_run_line_tells_short_heads_from_fixed_ones():
+    from mif_compile.report import SiteRuns
+
+    r = SiteRuns(0, 3, None, calls=1, sparse=1, last_seq_len=65536, last_density=0.1, last_missed=(3, 4, 1))
+    line = r.format()
+    assert "mass target reached by 1/4 adaptive head(s) (2 kept every candidate within their caps; " \
+           "1 ran the fixed choice of their caps)" in line, line
+    r.last_missed = (0, 4, 0)
+    assert r.format().endswith("mass target reached by 4/4 adaptive head(s)"), r.format()
