@@ -103,7 +103,7 @@ def main(argv=None) -> list[dict]:
                 default_pattern=HeadPattern.vertical_slash(64, 256)) if quick else {}
     modes = {"fixed": base} | {f"mass{m:g}": dict(base, mass=m) for m in args.mass}
     # the index alone (estimation, selection, index build: what the op runs before the kernel), timed apart
-    caps = (64, 256) if quick else (1000, 6096)
+    caps = base.get("default_pattern", HeadPattern.vertical_slash()).budget
     cands = {name: HeadPattern.vertical_slash(*caps, mass=o.get("mass")) for name, o in modes.items()}
     h, g, d = args.heads, args.kv_heads, args.head_dim
     f = packed_sdpa(h, g)

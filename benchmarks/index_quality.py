@@ -27,7 +27,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from structured import MIXES, structured_qkv  # noqa: E402
+from structured import MIXES, _row_probs, sample_rows, structured_qkv  # noqa: E402
 
 from mif_compile import ops  # noqa: E402
 from mif_compile.kernels import reference as R  # noqa: E402
@@ -38,14 +38,7 @@ BLOCK_M = 128
 def exact_rows(q, k, v, rows, scale):
     """fp32 probabilities [H, R, N] and outputs [H, R, Dv] of the sampled rows (batch 0), causal."""
     H, G = q.shape[1], k.shape[1]
-    n = q.shape[2]
-    keys = torch.arange(n)
-    P = []
-    for h in range(H):
-        s = (q[0, h, rows].float() @ k[0, h // (H // G)].float().T) * scale
-        s.masked_fill_(keys[None] > rows[:, None], float("-inf"))
-        P.append(torch.softmax(s, -1))
-    P = torch.stack(P)
+    P = torch.stack([_row_probs(q, k, 0, h, rows, scale) for h in range(H)])
     V = v[0].float().repeat_interleave(H // G, 0)
     return P, P @ V, V
 
@@ -236,7 +229,7 @@ def run_mix(mix, args, given=None):
     else:
         q, k, v, st = structured_qkv(mix, heads=H, kv_heads=G, seq_len=n, dtype=torch.bfloat16, return_structure=True)
         scale = D ** -0.5
-    rows = torch.linspace(n // 2, n - 1, args.rows).round().long().unique()
+    rows = sample_rows(n, args.rows)
     P, O, V = exact_rows(q, k, v, rows, scale)
     print(f"# {mix} N={n} heads {H}/{G}: inputs and exact rows in {time.time() - t0:.0f} s", flush=True)
     scores = R.vertical_slash_scores(q, k, last_q=64, scale=scale)

@@ -148,12 +148,11 @@ def vertical_slash_select(col, diag, v_count, s_count, mass, *, last_q: int, n_f
     target = mass.to(dev, torch.float32)[None, :, None] * total  # [B, H, R]
     everything = mass.to(dev)[None, :, None] >= 1.0  # mass 1: every candidate within the caps
     need = ((before < target[..., None, :]) & (m_sorted > 0)).any(-1)
-    keep_sorted = need | (everything & (ratio.gather(-1, order) > float("-inf")))
-    kept_r = ((keep_sorted | forced.gather(-1, order))[..., None] * m_sorted).sum(-2)  # [B, H, R]
+    keep_sorted = need | (everything & (ratio.gather(-1, order) > float("-inf"))) | forced.gather(-1, order)
+    kept_r = (keep_sorted[..., None] * m_sorted).sum(-2)  # [B, H, R]
     # the kept share of the estimated mass, at the position where it is lowest (1 where rows reach none)
     share = torch.where(total > 0, kept_r / total.clamp(min=1e-30), 1.0).amin(-1).clamp(max=1.0)  # [B, H]
     keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
-    keep = keep | forced
     keep_c, keep_g = keep[..., :kc], keep[..., kc:]
 
     v_idx = torch.where(keep_c, c_idx, -1).to(torch.int32)
