@@ -117,7 +117,7 @@ def main(argv=None):
     if hasattr(torch._dynamo.config, "recompile_limit"):
         torch._dynamo.config.recompile_limit = 64
     masses = [float(m) for m in args.mass.split(",") if m]
-    modes = {"fixed": None, **{f"mass={m:g}": m for m in masses}}
+    modes = {"fixed": "fixed", **{f"mass={m:g}": m for m in masses}}
     compiled = {name: torch.compile(attn, backend=mif_compile.backend(mass=m, default_pattern=HeadPattern.vertical_slash()),
                                     dynamic=False) for name, m in modes.items()}  # one graph per length
     rows = []

@@ -134,7 +134,8 @@ def main() -> None:
     p.add_argument("--kv-pool", type=int, default=None)
     p.add_argument("--layers", type=int, default=None, help="default 32 (--tiny: 2)")
     p.add_argument("--structured", nargs="?", const="mixed", default=None, help="structured attention mix")
-    p.add_argument("--mass", type=float, default=None, help="the backend's mass target (default: fixed budgets)")
+    p.add_argument("--mass", type=lambda t: t if t == "fixed" else float(t), default=None,
+                   help="the backend's mass setting, a target or 'fixed' (default: not set, the backend's 1.0)")
     p.add_argument("--decode-tokens", type=int, default=None, help="timed decode steps (default 32, --tiny 4)")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--skip", nargs="*", default=[], choices=["dense", "sparse"], help="runs to leave out")

@@ -22,9 +22,9 @@
 #   - quickstart: import + load ~15 s, Inductor compile ~30-60 s (cold cache), 1 + 5 runs each of
 #     dense and minference (< 2 s at 128K): ~60 s each, timeout 150 s each.
 #   - eval at 64K + 128K: per run and length 11 depths x 2 needles + 2 multi-key + 1 perplexity = 25
-#     forwards; 5 runs (dense, ours, ours_adaptive, a_shape, block_sparse). Forwards: dense 25 x 0.23 s
+#     forwards; 5 runs (dense, ours, ours_fixed, a_shape, block_sparse). Forwards: dense 25 x 0.23 s
 #     = 6 s, the sparse runs at most as long each (dense fallback) = 23 s; compiles: ours and
-#     ours_adaptive twice each (static, then dynamic), the matched baselines once per length, plus
+#     ours_fixed twice each (static, then dynamic), the matched baselines once per length, plus
 #     one q/k capture per length for block-sparse = 10 compiles x ~8 s = 80 s; Triton JIT ~30 s; budget
 #     bisection (A-shape ~34, block-sparse ~22 index builds per length) a few s. About 2.5 minutes;
 #     timeout 300 s.
@@ -40,7 +40,7 @@ QS_LENGTHS=${QS_LENGTHS-65536 131072}  # empty: no quickstart
 OP_SETTINGS=${OP_SETTINGS:-default}
 EVAL_ARGS=${EVAL_ARGS:-}  # more eval options, e.g. "--pattern vertical_slash:100,800" or "--config plan.json"
 QS_ARGS=${QS_ARGS:-}  # more quickstart options, e.g. "--mass 0.99"
-MATCH=${MATCH:-ours}  # the run whose kept density the baselines match (ours_adaptive: when ours falls back to dense)
+MATCH=${MATCH:-ours}  # the run whose kept density the baselines match (ours_fixed or, with --adaptive, ours_adaptive)
 DEPTHS=${DEPTHS:-11}
 SAMPLES=${SAMPLES:-2}
 PPL=${PPL:-1}

@@ -6,19 +6,19 @@
 #                                           # $MASSES, 4 mixes, 128K-1M)
 #   bash benchmarks/gpu_stages.sh random    # random q/k at 128K + 512K, each of $MASSES (never slower)
 #   bash benchmarks/gpu_stages.sh model     # whole model, 32 layers, structured mixed, 128K + 256K, dense,
-#                                           # fixed and $MODEL_MASSES
+#                                           # fixed ("vs") and $MODEL_MASSES (1.0: the default options)
 #   bash benchmarks/gpu_stages.sh model512  # the same at 512K
 #   bash benchmarks/gpu_stages.sh kv        # bench_snapkv: 1M (dense estimated, sparse + kv_budget), 512K
-#   bash benchmarks/gpu_stages.sh eval      # mif-compile eval on the shipped model, 64K + 128K, op defaults,
-#                                           # ours (fixed) and ours_adaptive at $EVAL_MASS, and baselines
+#   bash benchmarks/gpu_stages.sh eval      # mif-compile eval on the shipped model, 64K + 128K, op defaults:
+#                                           # ours (mass 1.0), ours_fixed, baselines (+ $EVAL_ARGS)
 # Each step has its own timeout so the stage ends, and tars what it has, inside the call's limit.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 stage=${1:-op}
 MASSES=${MASSES:-0.98 0.99 1.0}
-MODEL_MASSES=${MODEL_MASSES:-0.99}  # one mass: two did not fit a call in session 6
-EVAL_MASS=${EVAL_MASS:-1.0}
-TAG=${TAG:-_s7}
+MODEL_MASSES=${MODEL_MASSES:-1.0}  # one mass: two did not fit a call in session 6 (session 7: 0.99)
+EVAL_ARGS=${EVAL_ARGS:-}  # e.g. "--adaptive 0.99" (session 7: ours was fixed, ours_adaptive 1.0)
+TAG=${TAG:-_s8}
 out=${OUT:-/tmp/out}; d="$out/$stage"; mkdir -p "$d"
 T0=$SECONDS
 left() { echo $(( ${LIMIT:-570} - (SECONDS - T0) )); }
@@ -48,7 +48,7 @@ case $stage in
       --budgets 4096 --decode-tokens 16 --out "$d" --tag "_512k$TAG" 2>&1 | grep -v -i warn \
       | tee "$d/kv_512k.log" | tail -30 ;;
   eval)
-    OUT="$d" LONG_LENGTHS= QS_LENGTHS= TOTAL_S=$(( $(left) - 10 )) EVAL_ARGS="--adaptive $EVAL_MASS" \
+    OUT="$d" LONG_LENGTHS= QS_LENGTHS= TOTAL_S=$(( $(left) - 10 )) EVAL_ARGS="$EVAL_ARGS" \
       bash benchmarks/gpu_eval_long.sh 2>&1 | grep -v -i warn | tail -60 ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac

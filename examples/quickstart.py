@@ -58,6 +58,10 @@ def timed(fn, device: str, repeats: int = 3) -> tuple[torch.Tensor, float]:
     return out, statistics.median(times)
 
 
+def _mass(text: str) -> float | str:
+    return text if text == "fixed" else float(text)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -65,8 +69,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=None, help="timed runs after the warm-up (default 5 on GPU, 1 on CPU)")
     p.add_argument("--impl", default=None, choices=("auto", "reference", "triton"),
                    help="the op's implementation (default: the op's 'auto' on a GPU, 'reference' on CPU)")
-    p.add_argument("--mass", type=float, default=None,
-                   help="the backend setting mass (the adaptive index, e.g. 0.99; default: not set, fixed budgets)")
+    p.add_argument("--mass", type=_mass, default=None,
+                   help="the backend setting mass: a target of the adaptive index (e.g. 0.99), or 'fixed' for "
+                        "MInference's fixed budgets (default: not set, the backend's 1.0)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     dev = args.device
@@ -95,7 +100,7 @@ def main() -> None:
         if args.mass is not None:
             options["mass"] = args.mass
         print(f"backend: CPU demo, options={{'impl': {options['impl']!r}, 'min_seq_len': 0, 'default_pattern': "
-              f"{pattern.describe()}{', mass: %g' % args.mass if args.mass is not None else ''}}} (the defaults "
+              f"{pattern.describe()}{', mass: %r' % args.mass if args.mass is not None else ''}}} (the defaults "
               "would run this short prompt dense)")
     sparse_model = torch.compile(model, backend="minference", options=options)
 

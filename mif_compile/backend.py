@@ -75,10 +75,9 @@ def _plan_for(cfg: BackendConfig, tp: Any = None, rank_heads: dict | None = None
     return plan_for
 
 
-def with_mass(heads: Sequence[HeadPattern], mass: float | None) -> tuple[HeadPattern, ...]:
-    """Vertical-slash heads without a mass target of their own take the backend's ``mass``."""
-    if mass is None:
-        return tuple(heads)
+def with_mass(heads: Sequence[HeadPattern], mass: float | str) -> tuple[HeadPattern, ...]:
+    """Vertical-slash heads without a mass setting of their own take the backend's ``mass`` (a target,
+    or ``"fixed"``)."""
     return tuple(dataclasses.replace(hp, mass=mass) if hp.pattern is Pattern.VERTICAL_SLASH and hp.mass is None
                  else hp for hp in heads)
 

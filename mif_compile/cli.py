@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from .config import ConfigError, ModelPlan, Pattern, load_plan, save_plan
+from .config import DEFAULT_MASS, ConfigError, ModelPlan, Pattern, load_plan, save_plan
 
 _TINY = dict(layers=2, heads=4, kv_heads=2, hidden=64, intermediate=96, vocab=96)
 _RANDOM = dict(layers=32, heads=32, kv_heads=8, head_dim=128, hidden=4096, intermediate=1024, vocab=1024)
@@ -316,7 +316,7 @@ def _cmd_search(args) -> None:
         settings = SearchSettings(**kwargs)
     except ConfigError as e:
         raise ConfigError(str(e).replace("search: ", "", 1)) from None
-    if args.minference_out and any(c.mass is not None for c in settings.scored) and not args.drop_mass:
+    if args.minference_out and any(c.adaptive for c in settings.scored) and not args.drop_mass:
         raise ConfigError(f"--minference-out {args.minference_out!r}: MInference's format has no mass target, and "
                           f"--modes {','.join(settings.modes)} scores mass-targeted candidates; give --modes fixed "
                           "(MInference's mode only) or --drop-mass (those heads are written with their caps as "
@@ -378,13 +378,19 @@ def mass_line(plan: ModelPlan) -> str:
     vs = [hp for hp in heads if hp.pattern is Pattern.VERTICAL_SLASH]
     targets: dict[float, int] = {}
     for hp in vs:
-        if hp.mass is not None:
+        if hp.adaptive:
             targets[hp.mass] = targets.get(hp.mass, 0) + 1
     n = sum(targets.values())
-    if not n:
-        return f"adaptive index (mass target): none of {len(vs)} vertical-slash heads (all fixed budgets)"
-    return (f"adaptive index (mass target): {n} of {len(vs)} vertical-slash heads ("
-            + ", ".join(f"mass={m:g} x{c}" for m, c in sorted(targets.items())) + f"), {len(vs) - n} fixed budgets")
+    fixed = sum(hp.fixed for hp in vs)
+    inherit = len(vs) - n - fixed
+    parts = [f"{n} of {len(vs)} vertical-slash heads ("
+             + ", ".join(f"mass={m:g} x{c}" for m, c in sorted(targets.items())) + ")" if n
+             else f"none of {len(vs)} vertical-slash heads"]
+    if fixed:
+        parts.append(f"{fixed} fixed budgets")
+    if inherit:
+        parts.append(f"{inherit} take the backend's mass setting (default {DEFAULT_MASS}, the adaptive index)")
+    return "adaptive index (mass target): " + ", ".join(parts)
 
 
 def _parse_head(s: str) -> tuple[int, int]:

@@ -26,6 +26,7 @@ __all__ = [
     "ModelPlan",
     "BackendConfig",
     "ConfigError",
+    "FIXED",
     "as_plan",
     "load_plan",
     "model_counts",
@@ -33,7 +34,10 @@ __all__ = [
 ]
 
 FORMAT = "mif-compile/v1"
-DEFAULT_MASS: float | None = None  # the backend's default mass target (None: MInference's fixed budgets)
+FIXED = "fixed"  # the mass setting of MInference's fixed budgets (exactly the top v columns and s diagonals)
+# The backend's default mass target: the adaptive index keeping every candidate within the caps
+# (README, "Which index is the default"; benchmarks/results/bench_structured_h200_s7.md).
+DEFAULT_MASS: float | str = 1.0
 
 
 class ConfigError(ValueError):
@@ -96,14 +100,15 @@ class HeadPattern:
 
     ``mass`` (vertical-slash only): the adaptive mode's target share of the estimated attention mass
     per head and input; ``(v, s)`` are then caps (at most ``v`` columns and ``ceil(s / 64)`` groups of
-    64 diagonals). None: inherit the backend's ``mass`` setting (whose None means MInference's fixed
-    budgets: exactly the top ``v`` columns and top ``s`` diagonals).
+    64 diagonals). ``"fixed"`` (:data:`FIXED`): MInference's fixed budgets, exactly the top ``v``
+    columns and top ``s`` diagonals (what MInference's plan files mean). None: inherit the backend's
+    ``mass`` setting (default 1.0, the adaptive index).
     """
 
     pattern: Pattern
     budget: tuple[int, ...] = ()
     score: float | None = None  # recall measured by the search, informational only
-    mass: float | None = None
+    mass: float | str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pattern", _parse_pattern(self.pattern))
@@ -114,7 +119,7 @@ class HeadPattern:
         object.__setattr__(self, "budget", tuple(self.budget))
         self.validate()
         if self.mass is not None:
-            object.__setattr__(self, "mass", float(self.mass))
+            object.__setattr__(self, "mass", check_mass(self.mass))
 
     # -- constructors --------------------------------------------------------------------------
     @classmethod
@@ -122,8 +127,18 @@ class HeadPattern:
         return cls(Pattern.A_SHAPE, (n_init, n_local))
 
     @classmethod
-    def vertical_slash(cls, v: int = 1000, s: int = 6096, mass: float | None = None) -> "HeadPattern":
+    def vertical_slash(cls, v: int = 1000, s: int = 6096, mass: float | str | None = None) -> "HeadPattern":
         return cls(Pattern.VERTICAL_SLASH, (v, s), mass=mass)
+
+    @property
+    def adaptive(self) -> bool:
+        """A vertical-slash head with a mass target of its own (the adaptive index)."""
+        return isinstance(self.mass, float)
+
+    @property
+    def fixed(self) -> bool:
+        """A vertical-slash head set to MInference's fixed budgets (``mass="fixed"``)."""
+        return self.mass == FIXED
 
     @classmethod
     def block_sparse(cls, top_k: int = 100) -> "HeadPattern":
@@ -193,14 +208,21 @@ class HeadPattern:
             return self.pattern.value
         parts = [f"{n}={v}" for n, v in zip(BUDGET_NAMES[self.pattern], self.budget)]
         if self.mass is not None:
-            parts.append(f"mass={self.mass:g}")
+            parts.append(f"mass={_mass_text(self.mass)}")
         return f"{self.pattern.value}(" + ", ".join(parts) + ")"
 
 
-def check_mass(value: Any, name: str = "mass") -> float:
-    """A mass target: a number in (0, 1]."""
+def _mass_text(mass: float | str) -> str:
+    return mass if isinstance(mass, str) else f"{mass:g}"
+
+
+def check_mass(value: Any, name: str = "mass", *, fixed: bool = True) -> float | str:
+    """A mass setting: a target in (0, 1], or (when ``fixed``) ``"fixed"``, MInference's fixed budgets."""
+    if fixed and isinstance(value, str) and value.strip().lower() == FIXED:
+        return FIXED
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
-        raise ConfigError(f"{name} must be a number in (0, 1], got {value!r}")
+        also = " or 'fixed' (MInference's fixed budgets)" if fixed else ""
+        raise ConfigError(f"{name} must be a number in (0, 1]{also}, got {value!r}")
     return float(value)
 
 
@@ -311,7 +333,7 @@ class ModelPlan:
         for layer in self.layers:
             d = {}
             for h, hp in enumerate(layer):
-                if hp.mass is not None:
+                if hp.adaptive:
                     n = self.count_mass()
                     raise ConfigError(f"{_where(len(out), h)}MInference's format has no mass target "
                                       f"({hp.describe()}; {n} head(s) of the plan have one): keep this plan in "
@@ -373,8 +395,9 @@ class ModelPlan:
                 if any(isinstance(b, float) and b.is_integer() for b in budget):
                     budget = tuple(int(b) if isinstance(b, float) and b.is_integer() else b for b in budget)
                 score = float(entry[3]) if len(entry) > 3 and isinstance(entry[3], (int, float)) else None
-                try:
-                    heads.append(HeadPattern(pattern, budget, score))
+                try:  # MInference's vertical-slash budgets are fixed ones, whatever the backend's mass
+                    heads.append(HeadPattern(pattern, budget, score,
+                                             FIXED if pattern is Pattern.VERTICAL_SLASH else None))
                 except ConfigError as e:
                     raise ConfigError(f"{_where(i, h)}{e}") from None
             layers.append(tuple(heads))
@@ -384,13 +407,13 @@ class ModelPlan:
         """Heads with a mass target of their own (the adaptive index), the default's included for a
         uniform plan."""
         if self.layers is None:
-            return int(self.default.mass is not None)
-        return sum(hp.mass is not None for layer in self.layers for hp in layer)
+            return int(self.default.adaptive)
+        return sum(hp.adaptive for layer in self.layers for hp in layer)
 
     def without_mass(self) -> "ModelPlan":
-        """The same plan with every head's mass target removed: those heads run their ``(v, s)`` caps
-        as MInference's fixed budgets (what MInference's format can say)."""
-        strip = lambda hp: dataclasses.replace(hp, mass=None)  # noqa: E731
+        """The same plan with every vertical-slash head set to MInference's fixed budgets (``mass="fixed"``,
+        what MInference's format can say): their ``(v, s)`` caps become the budgets."""
+        strip = lambda hp: dataclasses.replace(hp, mass=FIXED) if hp.pattern is Pattern.VERTICAL_SLASH else hp  # noqa: E731
         layers = None if self.layers is None else tuple(tuple(strip(hp) for hp in layer) for layer in self.layers)
         return ModelPlan(layers, strip(self.default))
 
@@ -467,8 +490,11 @@ class BackendConfig:
       small device-to-host copy per layer; it is skipped while a CUDA graph is being captured.
       1.0 disables the check.
     - ``mass``: the adaptive index's target share of each vertical-slash head's estimated attention
-      mass (a number in (0, 1]; heads with their own ``HeadPattern.mass`` keep theirs). The
-      head's ``(v, s)`` budgets are then caps. None: MInference's fixed budgets.
+      mass, a number in (0, 1]; the head's ``(v, s)`` budgets are then caps. Default 1.0: every
+      candidate within the caps that the estimate gives mass, counted in the kernel's tiles (README,
+      "Which index is the default"). ``"fixed"``: MInference's fixed budgets, exactly the top ``v``
+      columns and ``s`` diagonals. Heads with their own ``HeadPattern.mass`` keep theirs (a
+      MInference plan file's heads are fixed).
     - ``kv_budget``: SnapKV-style KV-cache compression after each layer's prefill (off when None):
       the cache keeps, per kv head and batch row, this many keys (the observation window included;
       a left-padded row's pads on top, see ``kernels/snapkv.py``). Only for caches that grow by
@@ -485,7 +511,7 @@ class BackendConfig:
     block_m: int = 128
     impl: str = "auto"
     max_density: float = 0.6
-    mass: float | None = DEFAULT_MASS
+    mass: float | str = DEFAULT_MASS
     kv_budget: int | None = None
     kv_window: int | None = None
     kv_pool: int | None = None
@@ -515,8 +541,7 @@ class BackendConfig:
         if isinstance(self.max_density, bool) or not isinstance(self.max_density, (int, float)) or not 0.0 < self.max_density <= 1.0:
             raise ConfigError(f"max_density={self.max_density!r}: must be a number in (0, 1] (1.0 disables the check)")
         object.__setattr__(self, "max_density", float(self.max_density))
-        if self.mass is not None:
-            object.__setattr__(self, "mass", check_mass(self.mass, "mass"))
+        object.__setattr__(self, "mass", check_mass(self.mass, f"mass={self.mass!r}:"))
         if self.block_m not in (64, 128):
             raise ConfigError(f"block_m={self.block_m!r}: must be 64 or 128")
         if self.impl not in ("auto", "triton", "reference"):

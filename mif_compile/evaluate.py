@@ -3,8 +3,9 @@
     python -m mif_compile.evaluate --model builtin --lengths 65536,131072 --out benchmarks/results/eval_x
     python -m mif_compile.evaluate --model PATH --text book.txt --lengths 65536,131072 --config plan.json
 
-For each *run* (dense; ``ours``: the minference backend with the given plan/pattern; ``ours_adaptive``:
-the same with the backend setting ``mass`` (the adaptive index); the baselines ``a_shape`` (A-shape on
+For each *run* (dense; ``ours``: the minference backend with the given plan/pattern and its default
+settings, the adaptive index with ``mass=1.0``; ``ours_fixed``: the same with ``mass="fixed"``,
+MInference's fixed budgets; ``ours_adaptive``: the same with another mass target; the baselines ``a_shape`` (A-shape on
 every head, the static pattern) and ``block_sparse``, by default at the kept density ``ours`` measured
 at each length) the same inputs go through the model and one table is printed, a row per (length, run):
 
@@ -44,7 +45,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from .config import BackendConfig, ConfigError, HeadPattern, ModelPlan, Pattern, check_mass
+from .backend import with_mass
+from .config import FIXED, BackendConfig, ConfigError, HeadPattern, ModelPlan, Pattern, _mass_text, check_mass
 from .tasks import ByteTokenizer, HFTokenizer, SymbolFormat, TextFormat, load_text, multikey_sample, needle_sample, \
     text_window
 
@@ -96,14 +98,15 @@ def op_settings(mode: str, lengths: Sequence[int]) -> str:
 
 def default_runs(cfg: BackendConfig | None = None, *, a_shape: tuple[int, int] | None = (128, 3968),
                  block_sparse: int | None = 100, op_defaults: bool = False, adaptive: float | None = None,
-                 match: str | None = None, kv_budgets: Sequence[int] = (), score: str = "teacher") -> list[Run]:
+                 fixed: bool = False, match: str | None = None, kv_budgets: Sequence[int] = (), score: str = "teacher") -> list[Run]:
     """dense, ours (``cfg``, default: the backend's defaults), A-shape and block-sparse everywhere.
 
     ``op_defaults``: the sparse runs keep ``cfg``'s ``min_seq_len`` and ``max_density`` (for
     ``BackendConfig()``: the op's defaults, nothing overridden); otherwise they run with
     min_seq_len=0, max_density=1.0. ``adaptive``: also ``ours_adaptive``, ours with the backend
-    setting ``mass=adaptive`` (the adaptive index; only when the plan has vertical-slash heads).
-    ``match``: ``"ours"`` or ``"ours_adaptive"``: the baselines' budgets are chosen at each length to
+    setting ``mass=adaptive``; ``fixed``: also ``ours_fixed``, ours with ``mass="fixed"`` (MInference's
+    fixed budgets). Each only when it changes some head of the plan (a vertical-slash head without a
+    mass setting of its own). ``match``: ``"ours"``, ``"ours_adaptive"`` or ``"ours_fixed"``: the baselines' budgets are chosen at each length to
     keep that run's measured density (``a_shape``'s ``n_init`` and the values given here are then
     the templates; see :class:`Run`). ``kv_budgets``: also ``ours_kv{B}`` per budget, ours with the
     backend setting ``kv_budget=B`` (SnapKV-style cache compression), always decode-scored.
@@ -123,12 +126,15 @@ def default_runs(cfg: BackendConfig | None = None, *, a_shape: tuple[int, int] |
             raise ConfigError(f"--kv-budget: {b} is given twice")
         runs.append(Run(f"ours_kv{b}", kv_cfg, score="decode"))
     heads = [cfg.plan.default] if cfg.plan.layers is None else [hp for layer in cfg.plan.layers for hp in layer]
-    if adaptive is not None and any(hp.pattern is Pattern.VERTICAL_SLASH for hp in heads):
-        runs.append(Run("ours_adaptive", dataclasses.replace(cfg, mass=check_mass(adaptive, "adaptive mass")),
-                        score=score))
+    mine = with_mass(heads, cfg.mass)
+    others = [("ours_adaptive", None if adaptive is None else check_mass(adaptive, "adaptive mass", fixed=False)),
+              ("ours_fixed", FIXED if fixed else None)]
+    for name, mass in others:
+        if mass is not None and with_mass(heads, mass) != mine:
+            runs.append(Run(name, dataclasses.replace(cfg, mass=mass), score=score))
     if match is not None and match not in {r.name for r in runs}:
         raise ConfigError(f"--match-density {match!r}: no such run (runs: {', '.join(r.name for r in runs[1:])})")
-    base = dataclasses.replace(cfg, mass=None)
+    base = dataclasses.replace(cfg, mass=FIXED)
     if a_shape:
         runs.append(Run("a_shape", _uniform(base, HeadPattern.a_shape(*a_shape)), match, score))
     if block_sparse:
@@ -606,11 +612,8 @@ def _budget_text(cfg: BackendConfig | None) -> str:
     if cfg is None:
         return "-"
     if cfg.plan.layers is not None:
-        return "per-layer plan" + (f", mass={cfg.mass:g}" if cfg.mass is not None else "")
-    head = cfg.plan.default
-    if cfg.mass is not None and head.pattern is Pattern.VERTICAL_SLASH and head.mass is None:
-        head = dataclasses.replace(head, mass=cfg.mass)
-    return head.describe()
+        return f"per-layer plan, mass={_mass_text(cfg.mass)}"
+    return with_mass([cfg.plan.default], cfg.mass)[0].describe()
 
 
 def _text_for(fmt, lengths) -> str:
@@ -760,7 +763,7 @@ def describe(res: dict) -> str:
                 f"kept density of {info['matches']}" if info.get("matches") else f"default pattern {s['default_pattern']}"
                 f"{' + per-layer plan' if s['per_layer_plan'] else ''}")
         lines.append(f"{name}: minference backend, {what}; min_seq_len={s['min_seq_len']}, max_density={s['max_density']}, "
-                     f"impl={s['impl']}" + (f", mass={s['mass']:g}" if s.get("mass") is not None else "")
+                     f"impl={s['impl']}" + (f", mass={_mass_text(s['mass'])}" if s.get("mass") is not None else "")
                      + (f", kv_budget={s['kv_budget']} (kv_window={s['kv_window']}, kv_pool={s['kv_pool']})"
                         if s.get("kv_budget") is not None else "")
                      + f"; settings changed from the op's defaults: {shown}{scored}; "
@@ -839,10 +842,13 @@ def _parse(argv, prog: str = "python -m mif_compile.evaluate"):
                         "every length; auto (default): 'default' when every length is >= 32768, else 'forced'")
     p.add_argument("--op-defaults", dest="op_settings", action="store_const", const="default",
                    help="the same as --op-settings default")
-    p.add_argument("--adaptive", type=_mass_or_off, default=0.99,
-                   help="also run ours with the adaptive index, the backend setting mass=MASS (default 0.99; "
-                        "'off': not run)")
-    p.add_argument("--match-density", default="ours", choices=("ours", "ours_adaptive", "off"),
+    p.add_argument("--adaptive", type=_mass_or_off, default=None,
+                   help="also run ours_adaptive: ours with the backend setting mass=MASS, another target of the "
+                        "adaptive index than the default 1.0 (default: off, not run)")
+    p.add_argument("--fixed", default="on", choices=("on", "off"),
+                   help="also run ours_fixed: ours with the backend setting mass='fixed', MInference's fixed "
+                        "budgets (default on; not run when no head of the plan would change)")
+    p.add_argument("--match-density", default="ours", choices=("ours", "ours_adaptive", "ours_fixed", "off"),
                    help="choose the baselines' budgets at each length so that they keep the kept density that "
                         "this run measured there (default ours; A-shape keeps --a-shape's n_init and chooses "
                         "n_local, block-sparse chooses top_k); off: the fixed --a-shape and --block-sparse budgets")
@@ -907,10 +913,13 @@ def run_cli(args) -> dict:
     settings = op_settings(args.op_settings, lengths)
     match = None if args.match_density == "off" else args.match_density
     if match == "ours_adaptive" and args.adaptive is None:
-        raise ConfigError("--match-density ours_adaptive needs the adaptive run: give --adaptive MASS, not off")
+        raise ConfigError("--match-density ours_adaptive needs the adaptive run: give --adaptive MASS")
+    if match == "ours_fixed" and args.fixed == "off":
+        raise ConfigError("--match-density ours_fixed needs the fixed run: give --fixed on")
     runs = default_runs(cfg, a_shape=args.a_shape if "a_shape" in base else None,
                         block_sparse=args.block_sparse if "block_sparse" in base else None,
-                        op_defaults=settings == "default", adaptive=args.adaptive, match=match if base else None,
+                        op_defaults=settings == "default", adaptive=args.adaptive, fixed=args.fixed == "on",
+                        match=match if base else None,
                         kv_budgets=args.kv_budget, score=args.score)
     if args.model != "builtin":
         check_model_folder(args.model)

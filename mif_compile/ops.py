@@ -47,7 +47,7 @@ def encode_heads(heads: Sequence[HeadPattern]) -> tuple[list[int], list[int], li
 
 def encode_mass(heads: Sequence[HeadPattern]) -> list[float]:
     """HeadPatterns -> the op's per-head mass targets (0.0: fixed budgets or not vertical-slash)."""
-    return [float(hp.mass) if hp.mass is not None and hp.pattern is Pattern.VERTICAL_SLASH else 0.0 for hp in heads]
+    return [float(hp.mass) if hp.adaptive else 0.0 for hp in heads]
 
 
 _MASS_SCALE = 1 << 24  # mass targets travel in the int64 plan buffer as fixed point

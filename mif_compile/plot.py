@@ -32,7 +32,7 @@ _ORDER = [Pattern.DENSE, Pattern.A_SHAPE, Pattern.VERTICAL_SLASH, Pattern.BLOCK_
 
 
 def _category(hp: HeadPattern):
-    return _MASS if hp.mass is not None else hp.pattern
+    return _MASS if hp.adaptive else hp.pattern
 
 
 def _label(cat) -> str:
@@ -78,9 +78,9 @@ def plot_plan(plan: ModelPlan, path: str | os.PathLike) -> None:
         if n_layers * n_heads <= 1024:
             for i, layer in enumerate(plan.layers):
                 for h, hp in enumerate(layer):
-                    if hp.mass is not None:
+                    if hp.adaptive:
                         ax1.text(h, i, f"{hp.mass:g}", ha="center", va="center", fontsize=6, color="white")
-        targets = sorted({hp.mass for layer in plan.layers for hp in layer if hp.mass is not None})
+        targets = sorted({hp.mass for layer in plan.layers for hp in layer if hp.adaptive})
         ax1.set_title(f"pattern ({n_mass} heads with a mass target: " + ", ".join(f"{m:g}" for m in targets) + ")",
                       fontsize=9)
     fig.legend(handles=[Patch(color=_COLORS[p], label=_label(p)) for p in used], loc="lower center",

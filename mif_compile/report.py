@@ -218,7 +218,7 @@ def vs_mode(heads) -> str:
     vs = [hp for hp in heads if hp.pattern.value == "vertical_slash"]
     if not vs:
         return ""
-    targets = Counter(hp.mass for hp in vs if hp.mass is not None)
+    targets = Counter(hp.mass for hp in vs if hp.adaptive)
     fixed = len(vs) - sum(targets.values())
     parts = [f"{fixed} fixed budgets"] if fixed else []
     parts += [f"{n} mass target {m:g}" for m, n in sorted(targets.items())]

@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
-from .config import ConfigError, HeadPattern, ModelPlan, Pattern, check_mass, save_plan
+from .config import FIXED, ConfigError, HeadPattern, ModelPlan, Pattern, check_mass, save_plan
 
 __all__ = [
     "DEFAULT_CANDIDATES",
@@ -91,16 +91,17 @@ STATE_FORMAT = "mif-compile-search/v1"
 
 # Candidates for long prompts (~32K tokens): MInference's own search set plus larger and smaller tiers,
 # and dense: with the rule "target", a head that no sparse candidate serves more cheaply stays dense.
+# Vertical-slash candidates of mode "fixed" say mass=fixed, so that a plan means what was scored.
 DEFAULT_CANDIDATES: tuple[HeadPattern, ...] = (
     HeadPattern.a_shape(128, 1024),
     HeadPattern.a_shape(128, 2048),
     HeadPattern.a_shape(128, 3968),
-    HeadPattern.vertical_slash(30, 800),
-    HeadPattern.vertical_slash(100, 750),
-    HeadPattern.vertical_slash(500, 700),
-    HeadPattern.vertical_slash(3500, 100),
-    HeadPattern.vertical_slash(1000, 2000),
-    HeadPattern.vertical_slash(1000, 6096),
+    HeadPattern.vertical_slash(30, 800, mass=FIXED),
+    HeadPattern.vertical_slash(100, 750, mass=FIXED),
+    HeadPattern.vertical_slash(500, 700, mass=FIXED),
+    HeadPattern.vertical_slash(3500, 100, mass=FIXED),
+    HeadPattern.vertical_slash(1000, 2000, mass=FIXED),
+    HeadPattern.vertical_slash(1000, 6096, mass=FIXED),
     HeadPattern.block_sparse(16),
     HeadPattern.block_sparse(32),
     HeadPattern.block_sparse(100),
@@ -168,6 +169,10 @@ class SearchSettings:
         for i, c in enumerate(cands):
             if not isinstance(c, HeadPattern):
                 raise ConfigError(f"search: candidate {i} must be a HeadPattern, got {c!r}")
+        # a vertical-slash candidate without a mass is a fixed-budget one, and the plan says so (a head
+        # without a mass setting would take the backend's, the adaptive index by default)
+        cands = tuple(dataclasses.replace(c, mass=FIXED) if c.pattern is Pattern.VERTICAL_SLASH and c.mass is None
+                      else c for c in cands)
         if len(set(cands)) != len(cands):
             raise ConfigError(f"search: duplicate candidates in {[c.describe() for c in cands]}")
         object.__setattr__(self, "candidates", cands)
@@ -176,7 +181,7 @@ class SearchSettings:
         if bad or not modes or len(set(modes)) != len(modes):
             raise ConfigError(f"search: modes must be distinct names among {list(MODES)}, got {list(modes)}")
         object.__setattr__(self, "modes", modes)
-        masses = tuple(check_mass(m, "search: mass target") for m in self.masses)
+        masses = tuple(check_mass(m, "search: mass target", fixed=False) for m in self.masses)
         if len(set(masses)) != len(masses):
             raise ConfigError(f"search: duplicate mass targets in {list(masses)}")
         object.__setattr__(self, "masses", masses)
@@ -190,11 +195,11 @@ class SearchSettings:
                 raise ConfigError(f"search: mass cap {cap!r}: {e}") from None
         object.__setattr__(self, "mass_caps", tuple(caps))
         if "mass" not in modes:
-            given = [c.describe() for c in cands if c.mass is not None]
+            given = [c.describe() for c in cands if c.adaptive]
             if given:
                 raise ConfigError(f"search: candidate(s) {given} have a mass target, but modes {list(modes)} "
                                   "leave out 'mass'")
-        if "mass" in modes and not (masses and caps) and not any(c.mass is not None for c in cands):
+        if "mass" in modes and not (masses and caps) and not any(c.adaptive for c in cands):
             raise ConfigError("search: mode 'mass' needs at least one mass target and one cap (or a candidate "
                               "with a mass)")
         if not self.scored:
@@ -215,7 +220,7 @@ class SearchSettings:
         generated adaptive ones (caps x targets) that are not already there."""
         fixed, mass = "fixed" in self.modes, "mass" in self.modes
         out = [c for c in self.candidates
-               if (c.mass is not None and mass) or (c.mass is None and (fixed or c.pattern is not Pattern.VERTICAL_SLASH))]
+               if (c.adaptive and mass) or (c.fixed and fixed) or c.pattern is not Pattern.VERTICAL_SLASH]
         if mass:  # highest target first: where two targets give the same index here, the higher one wins
             for v, s in self.mass_caps:
                 for m in sorted(self.masses, reverse=True):
@@ -235,7 +240,8 @@ class SearchSettings:
 
 def parse_candidates(specs: Iterable[str]) -> tuple[HeadPattern, ...]:
     """``["a_shape:128,3968", "vertical_slash:1000,6096", "vertical_slash:100,6096,mass=0.95",
-    "block_sparse:100", "dense"]`` -> patterns (``mass=``: the adaptive index's target, vertical-slash only)."""
+    "block_sparse:100", "dense"]`` -> patterns (``mass=``: the adaptive index's target, or ``mass=fixed``,
+    vertical-slash only; the search scores a vertical-slash candidate without one as fixed budgets)."""
     out = []
     for spec in specs:
         for item in spec.replace(";", " ").split():
@@ -250,7 +256,8 @@ def parse_candidates(specs: Iterable[str]) -> tuple[HeadPattern, ...]:
                     if key != "mass" or mass is not None:
                         raise ConfigError(f"candidate {item!r}: unknown or repeated field {f!r}; the only named "
                                           "field is mass=, like vertical_slash:100,6096,mass=0.95")
-                    mass = float(value)
+                    mass = check_mass(value if value.strip().lower() == FIXED else float(value),
+                                      f"candidate {item!r}: mass")
             except ConfigError:
                 raise
             except ValueError:
@@ -360,7 +367,7 @@ def candidate_index(q, k, cand: HeadPattern, *, scale: float, last_q: int = 64, 
         return None
     heads = (cand,) * q.shape[1]
     codes, b0, b1 = encode_heads(heads)
-    mass = encode_mass(heads) if cand.mass is not None else None
+    mass = encode_mass(heads) if cand.adaptive else None
     if cand.pattern is Pattern.VERTICAL_SLASH and vs_scores is None:
         vs_scores = _estimate_vs(q, k, scale, last_q, impl)
     return build_layer_index(q, k, None, scale, codes, b0, b1, last_q, block_m, impl, vs_scores=vs_scores,

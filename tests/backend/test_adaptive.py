@@ -54,7 +54,7 @@ def structured_qk(B, H, Hkv, N, D, *, slash=700, heavy=(333,), seed=0):
 
 def _run(q, k, v, mass, budget=(100, 600), block_m=64):
     codes, b0, b1 = ops.encode_heads([HeadPattern.vertical_slash(*budget)] * q.shape[1])
-    m = [mass] * q.shape[1] if mass else None
+    m = [mass] * q.shape[1] if isinstance(mass, float) else None  # "fixed" or None: fixed budgets
     with ops.collect_stats() as st:
         out = ops.run_layer(q, k, v, None, q.shape[-1] ** -0.5, codes, b0, b1, 0, 64, block_m, "reference", 1.0, m)
     return out, st[0]["density"]
@@ -102,7 +102,7 @@ def test_mixed_fixed_and_adaptive_heads_in_one_layer():
         assert torch.equal(idx.column_count[:, h], alone.column_count[:, 0])
 
 
-@pytest.mark.parametrize("mass", [None, 0.95])
+@pytest.mark.parametrize("mass", ["default", "fixed", 0.95])
 def test_backend_setting_and_report(mass):
     q, k, v = structured_qk(1, 4, 2, 1200, 16)
 
@@ -110,13 +110,16 @@ def test_backend_setting_and_report(mass):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
     torch._dynamo.reset()
+    setting = {} if mass == "default" else {"mass": mass}  # not given: the backend's default, mass=1.0
     compiled = torch.compile(attn, backend=mif_compile.backend(
-        min_seq_len=0, impl="reference", max_density=1.0, mass=mass, inductor=False,
-        default_pattern=HeadPattern.vertical_slash(100, 600)))
+        min_seq_len=0, impl="reference", max_density=1.0, inductor=False,
+        default_pattern=HeadPattern.vertical_slash(100, 600), **setting))
     out = compiled(q, k, v)
     text = str(mif_compile.last_report())
-    assert ("mass=0.95" in text) == (mass is not None), text
-    expect, _ = _run(q, k, v, mass, block_m=128)  # the backend's default block_m
+    used = {"default": 1.0, "fixed": "fixed", 0.95: 0.95}[mass]
+    shown = {"default": "mass=1)", "fixed": "mass=fixed)", 0.95: "mass=0.95)"}[mass]
+    assert shown in text and ("fixed budgets" in text) == (mass == "fixed"), text
+    expect, _ = _run(q, k, v, used, block_m=128)  # the backend's default block_m
     torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
 
 
@@ -133,3 +136,10 @@ def test_plan_mass_round_trips_and_validates(tmp_path):
         HeadPattern("a_shape", (4, 64), mass=0.9)
     with pytest.raises(mif_compile.ConfigError, match="mass"):
         mif_compile.backend(mass=0.0)
+    # None is no setting: the default is the adaptive index, and fixed budgets are asked for by name
+    with pytest.raises(mif_compile.ConfigError, match=r"mass=None: .*'fixed' \(MInference's fixed budgets\)"):
+        mif_compile.backend(mass=None)
+    with pytest.raises(mif_compile.ConfigError, match="mass='fixd'"):
+        mif_compile.backend(mass="fixd")
+    assert mif_compile.BackendConfig().mass == 1.0 and mif_compile.BackendConfig(mass="Fixed").mass == "fixed"
+    assert HeadPattern.vertical_slash(mass="FIXED").fixed and not HeadPattern.vertical_slash(mass="fixed").adaptive

@@ -30,15 +30,16 @@ def _compile(model, **options):
 
 def test_vs_mode_names_fixed_mass_and_mixed():
     assert vs_mode([HP.a_shape(), HP.dense()]) == ""
-    assert vs_mode([HP.vertical_slash(), HP.a_shape()]) == "; vertical-slash: fixed budgets"
+    assert vs_mode([HP.vertical_slash(mass="fixed"), HP.a_shape()]) == "; vertical-slash: fixed budgets"
     assert vs_mode([HP.vertical_slash(mass=0.95)] * 2) == "; vertical-slash: mass target 0.95 (adaptive)"
-    assert vs_mode([HP.vertical_slash(), HP.vertical_slash(30, 800, mass=0.99), HP.vertical_slash(mass=0.9)]) == (
+    assert vs_mode([HP.vertical_slash(mass="fixed"), HP.vertical_slash(30, 800, mass=0.99),
+                    HP.vertical_slash(mass=0.9)]) == (
         "; vertical-slash: 1 fixed budgets, 1 mass target 0.9, 1 mass target 0.99")
 
 
 def test_report_and_stats_per_layer_in_the_adaptive_mode():
     model, ids = _planted()
-    plan = ModelPlan(((HP.vertical_slash(48, 2048, mass=0.95), HP.vertical_slash(48, 160)),
+    plan = ModelPlan(((HP.vertical_slash(48, 2048, mass=0.95), HP.vertical_slash(48, 160, mass="fixed")),
                       (HP.vertical_slash(48, 2048, mass=0.99), HP.a_shape(64, 256))))
     with torch.no_grad():
         fixed = _compile(model, config=plan.without_mass())
@@ -49,7 +50,7 @@ def test_report_and_stats_per_layer_in_the_adaptive_mode():
         with ops.collect_stats() as rows:
             out = comp(ids)
     text = str(mif_compile.last_report())
-    assert "[layer 0, causal]: 1 x vertical_slash(v=48, s=2048, mass=0.95), 1 x vertical_slash(v=48, s=160); " \
+    assert "[layer 0, causal]: 1 x vertical_slash(v=48, s=2048, mass=0.95), 1 x vertical_slash(v=48, s=160, mass=fixed); " \
            "vertical-slash: 1 fixed budgets, 1 mass target 0.95" in text, text
     assert "vertical-slash: mass target 0.99 (adaptive)" in text, text
     assert "mass target reached by 1/1 adaptive head(s)" in text, text

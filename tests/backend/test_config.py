@@ -313,8 +313,12 @@ def test_minference_import():
     assert all(type(b) is int for layer in plan.layers for hp in layer for b in hp.budget)
     # a stream_llm entry means A-shape (n_init, n_local)
     assert plan.layers[0][1].pattern is Pattern.A_SHAPE and plan.layers[0][1].budget == (100, 800)
+    # MInference's vertical-slash budgets are fixed ones: its heads keep that meaning whatever the
+    # backend's mass setting (default: the adaptive index), the other patterns have no mass
+    assert [hp.mass for layer in plan.layers for hp in layer] == ["fixed", None, "fixed", None]
     # integer keys (a Python list of dicts) work too; the score slot is optional
-    assert ModelPlan.from_json([{0: ["vertical_and_slash", 30, 800]}]).layers == ((HeadPattern.vertical_slash(30, 800),),)
+    assert ModelPlan.from_json([{0: ["vertical_and_slash", 30, 800]}]).layers == (
+        (HeadPattern.vertical_slash(30, 800, mass="fixed"),),)
     assert ModelPlan.from_json([{"0": ["vertical_and_slash", 30, 800, "n/a"]}]).layers[0][0].score is None
 
 
@@ -342,25 +346,28 @@ def _same_heads(a: ModelPlan, b: ModelPlan) -> bool:
 def test_minference_round_trip(plan):
     back = ModelPlan.from_json(json.loads(json.dumps(plan.to_minference_json())))
     assert _same_heads(back, plan)
-    assert back == ModelPlan(plan.layers)  # scores too (a missing score stays missing); no default in this format
+    # scores too (a missing score stays missing); no default in this format; vertical-slash heads come
+    # back as what the format means, fixed budgets
+    assert back == ModelPlan(plan.layers).without_mass()
+    assert all(hp.fixed for layer in back.layers for hp in layer if hp.pattern is Pattern.VERTICAL_SLASH)
 
 
 def test_minference_round_trip_keeps_a_searched_plans_default(tmp_path):
     """``convert --to minference`` and back: a plan as the search writes it (default dense) comes back equal."""
-    plan = ModelPlan(((HeadPattern("vertical_slash", (30, 800), 0.97), HeadPattern("dense", (), 1.0)),) * 2,
+    plan = ModelPlan(((HeadPattern("vertical_slash", (30, 800), 0.97, "fixed"), HeadPattern("dense", (), 1.0)),) * 2,
                      HeadPattern.dense())
     save_plan(plan, tmp_path / "mi.json", minference_format=True)
     assert load_plan(tmp_path / "mi.json") == plan
 
 
 def test_minference_round_trip_of_unscored_plan_is_exact():
-    plan = ModelPlan(((HeadPattern.vertical_slash(30, 800), HeadPattern.block_sparse(2)),))
+    plan = ModelPlan(((HeadPattern.vertical_slash(30, 800, mass="fixed"), HeadPattern.block_sparse(2)),))
     assert ModelPlan.from_json(json.loads(json.dumps(plan.to_minference_json()))) == plan
 
 
 def test_minference_file_round_trip(tmp_path):
     plan = ModelPlan((
-        (HeadPattern("vertical_slash", (1000, 6096), 0.75), HeadPattern("a_shape", (4, 64), 0.5)),
+        (HeadPattern("vertical_slash", (1000, 6096), 0.75, "fixed"), HeadPattern("a_shape", (4, 64), 0.5)),
         (HeadPattern("block_sparse", (3,), 0.25), HeadPattern("dense", (), 1.0)),
     ))
     path = tmp_path / "minference.json"

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 import mif_compile
 from mif_compile import HeadPattern, ModelPlan
+from mif_compile.backend import with_mass
 
 E, H, HKV, D = 32, 4, 2, 8  # model width, query heads, kv heads (GQA), head_dim
 B, L = 2, 12  # batch, sequence (L != D, so an L x L tensor is easy to spot)
@@ -234,7 +235,7 @@ def test_is_causal_mha(dynamic):
     assert "gqa_native" not in report.counters
     for s in report.sites:
         assert (s.num_heads, s.num_kv_heads) == (H, H)
-        assert s.patterns == (HeadPattern.vertical_slash(),) * H  # the default plan
+        assert s.patterns == (HeadPattern.vertical_slash(mass=1.0),) * H  # the default plan, default mass
         assert s.module and s.module.endswith(f"layers.{s.layer}")
     ops, sdpa, square = graph_facts(gm)
     assert len(ops) == 2 and not sdpa and not square
@@ -340,7 +341,7 @@ def test_per_layer_plan_and_dense_layer():
     report, gm, _ = compile_and_check(Model("causal", hkv=HKV), (x,), plan=plan)
     s0, s1 = report.sites
     assert not s0.rewritten and s0.layer == 0 and "dense" in s0.reason
-    assert s1.rewritten and s1.layer == 1 and s1.patterns == plan.layers[1]
+    assert s1.rewritten and s1.layer == 1 and s1.patterns == with_mass(plan.layers[1], 1.0)  # heads without a mass: the default
     assert report.counters["rewritten"] == 1 and report.counters["left_dense"] == 1
     ops, sdpa, _ = graph_facts(gm)
     assert len(ops) == 1 and len(sdpa) == 1

@@ -46,7 +46,7 @@ def test_full_coverage_backend_matches_dense(builtin):
 def test_cli_writes_table_json_and_heatmap(tmp_path, capsys):
     out = tmp_path / "eval"
     rc = main(["--model", "builtin", "--lengths", "512", "--depths", "2", "--samples", "1", "--keys", "4",
-               "--ppl-samples", "1", "--baselines", "a_shape", "--a-shape", "16,64", "--adaptive", "off",
+               "--ppl-samples", "1", "--baselines", "a_shape", "--a-shape", "16,64", "--fixed", "off",
                "--match-density", "off", "--out", str(out)])
     assert rc == 0
     captured = capsys.readouterr()
@@ -70,7 +70,7 @@ def test_cli_out_without_matplotlib(tmp_path, capsys, monkeypatch):
         monkeypatch.setitem(sys.modules, mod, None)  # import fails as when it is not installed
     out = tmp_path / "eval"
     rc = main(["--model", "builtin", "--lengths", "256", "--depths", "2", "--samples", "1", "--tasks", "needle",
-               "--baselines", "", "--adaptive", "off", "--out", str(out)])
+               "--baselines", "", "--fixed", "off", "--out", str(out)])
     printed = capsys.readouterr().out
     assert rc == 0, printed
     assert "needle.png not drawn: it needs matplotlib (pip install matplotlib)" in printed

@@ -98,7 +98,7 @@ def test_kv_runs_are_decode_scored():
 def test_cli_kv_budget(tmp_path, capsys):
     out = tmp_path / "eval"
     rc = main(["--model", "builtin", "--lengths", "512", "--depths", "2", "--samples", "1", "--keys", "4",
-               "--ppl-samples", "1", "--baselines", "", "--adaptive", "off", "--op-settings", "forced",
+               "--ppl-samples", "1", "--baselines", "", "--fixed", "off", "--op-settings", "forced",
                "--kv-budget", "1024,96", "--score", "decode", "--out", str(out)])
     printed = capsys.readouterr().out
     assert rc == 0, printed

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mif_compile
-from mif_compile import BackendConfig, HeadPattern
+from mif_compile import BackendConfig, HeadPattern, ModelPlan
 from mif_compile.config import ConfigError
 from mif_compile.evaluate import (_density_of, _resolved, default_runs, format_markdown, main, match_budget,
                                   op_settings, overrides)
@@ -69,16 +69,23 @@ def test_default_settings_override_nothing():
     assert op_settings("auto", [65536, 131072]) == "default"
     assert op_settings("auto", [16384, 65536]) == "forced"  # 16K would run dense under the defaults
     assert op_settings("forced", [65536]) == "forced" and op_settings("default", [1024]) == "default"
-    runs = {r.name: r for r in default_runs(BackendConfig(), op_defaults=True, adaptive=0.99, match="ours")}
-    assert list(runs) == ["dense", "ours", "ours_adaptive", "a_shape", "block_sparse"]
+    runs = {r.name: r for r in default_runs(BackendConfig(), op_defaults=True, adaptive=0.99, fixed=True, match="ours")}
+    assert list(runs) == ["dense", "ours", "ours_adaptive", "ours_fixed", "a_shape", "block_sparse"]
     assert runs["ours"].cfg == BackendConfig() and overrides(runs["ours"].cfg) == {}
     assert overrides(_resolved(runs["ours"].cfg, "cuda")) == {}  # "auto" stays "auto" on a GPU
     assert overrides(_resolved(runs["ours"].cfg, "cpu")) == {"impl": "reference"}  # CPU "auto" would run dense
     assert overrides(runs["ours_adaptive"].cfg) == {"mass": 0.99}
+    assert overrides(runs["ours_fixed"].cfg) == {"mass": "fixed"}  # ours is the default, mass=1.0
     assert runs["a_shape"].match == runs["block_sparse"].match == "ours"
-    assert runs["a_shape"].cfg.mass is None and runs["a_shape"].cfg.min_seq_len == 32768
+    assert runs["a_shape"].cfg.mass == "fixed" and runs["a_shape"].cfg.min_seq_len == 32768
     forced = {r.name: r for r in default_runs(BackendConfig(), adaptive=None)}
-    assert "ours_adaptive" not in forced and overrides(forced["ours"].cfg) == {"min_seq_len": 0, "max_density": 1.0}
+    assert "ours_adaptive" not in forced and "ours_fixed" not in forced
+    assert overrides(forced["ours"].cfg) == {"min_seq_len": 0, "max_density": 1.0}
+    # a run that would change no head is left out: ours already fixed (a MInference plan's heads are)
+    assert "ours_fixed" not in [r.name for r in default_runs(BackendConfig(mass="fixed"), fixed=True)]
+    mi = BackendConfig(plan=ModelPlan.from_json([{"0": ["vertical_and_slash", 30, 800]}]))
+    assert [r.name for r in default_runs(mi, fixed=True, adaptive=0.99, a_shape=None, block_sparse=None)] == [
+        "dense", "ours"]
     with pytest.raises(ConfigError, match="--match-density 'ours_adaptive': no such run"):
         default_runs(BackendConfig(), adaptive=None, match="ours_adaptive")
     # no vertical-slash head: the adaptive index would change nothing, so there is no such run
@@ -97,12 +104,12 @@ def test_cli_default_settings_pass_no_overrides_to_the_op(monkeypatch, capsys, t
     out = capsys.readouterr().out
     assert rc == 0, out
     assert seen == [dataclasses.replace(BackendConfig(), impl="reference"),
-                    dataclasses.replace(BackendConfig(), impl="reference", mass=0.99)], seen
+                    dataclasses.replace(BackendConfig(), impl="reference", mass="fixed")], seen
     assert "sparse runs use the op's default settings" in out and "lengths below 32768 run dense" in out
     assert "settings changed from the op's defaults: impl=reference;" in out
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["runs"]["ours"]["overrides"] == {"impl": "reference"}
-    assert res["runs"]["ours_adaptive"]["overrides"] == {"impl": "reference", "mass": 0.99}
+    assert res["runs"]["ours_fixed"]["overrides"] == {"impl": "reference", "mass": "fixed"}
     ours = next(r for r in res["rows"] if r["run"] == "ours")
     assert ours["density"] == 1.0 and ours["fallback"] == 1.0  # below min_seq_len: dense
 
@@ -117,7 +124,7 @@ def test_cli_matched_baselines_write_their_budgets(tmp_path, capsys):
     assert "choosing the budget" in printed.err  # the progress bar says what it is doing
     res = json.loads((out / "results.json").read_text())
     rows = {r["run"]: r for r in res["rows"]}
-    assert list(rows) == ["dense", "ours", "ours_adaptive", "a_shape", "block_sparse"]
+    assert list(rows) == ["dense", "ours", "ours_fixed", "a_shape", "block_sparse"]
     for r in rows.values():
         assert {"needle", "multikey", "ppl", "time_s", "fwd_ms", "forwards", "budget"} <= set(r), r
     target = rows["ours"]["density"]

@@ -56,12 +56,15 @@ def test_show_and_convert_minference_format(tmp_path, capsys):
     src.write_text(json.dumps(mi))
     code, stdout, _ = _run(capsys, "show", src)
     assert code == 0
-    assert "layer   0: 1 x vertical_slash(v=1000, s=6096), 1 x a_shape(n_init=100, n_local=800)" in stdout
+    # MInference's vertical-slash heads are fixed budgets
+    assert "layer   0: 1 x vertical_slash(v=1000, s=6096, mass=fixed), 1 x a_shape(n_init=100, n_local=800)" in stdout
     assert "recall mean 0.940 min 0.910" in stdout
     code, _, _ = _run(capsys, "convert", src, tmp_path / "ours.json")
     assert code == 0
     ours = load_plan(tmp_path / "ours.json")
-    assert ours.layers[1] == (HP(HP.block_sparse(16).pattern, (16,), 0.99), HP(HP.vertical_slash().pattern, (30, 800), 0.95))
+    assert ours.layers[1] == (HP(HP.block_sparse(16).pattern, (16,), 0.99),
+                              HP(HP.vertical_slash().pattern, (30, 800), 0.95, "fixed"))
+    assert '"mass": "fixed"' in (tmp_path / "ours.json").read_text()  # our format says it, the backend obeys
     code, _, _ = _run(capsys, "convert", tmp_path / "ours.json", tmp_path / "back.json", "--to", "minference")
     assert code == 0 and json.loads((tmp_path / "back.json").read_text()) == mi
 
@@ -206,19 +209,26 @@ def test_search_modes_fixed_mass_and_minference_out(tmp_path, capsys):
 
 
 def test_show_and_plot_a_plan_with_mass_targets(tmp_path, capsys):
-    plan = ModelPlan(((HP("vertical_slash", (100, 6096), 0.97, 0.95), HP("vertical_slash", (30, 800), 0.96)) * 2,
+    plan = ModelPlan(((HP("vertical_slash", (100, 6096), 0.97, 0.95), HP("vertical_slash", (30, 800), 0.96, "fixed")) * 2,
                       (HP("vertical_slash", (100, 6096), 0.99, 0.99), HP("a_shape", (64, 128), 0.95)) * 2))
     path = tmp_path / "plan.json"
     save_plan(plan, path)
     code, stdout, _ = _run(capsys, "show", path)
     assert code == 0
-    assert "layer   0: 2 x vertical_slash(v=100, s=6096, mass=0.95), 2 x vertical_slash(v=30, s=800)" in stdout
-    assert "adaptive index (mass target): 4 of 6 vertical-slash heads (mass=0.95 x2, mass=0.99 x2), 2 fixed budgets" \
+    assert "layer   0: 2 x vertical_slash(v=100, s=6096, mass=0.95), 2 x vertical_slash(v=30, s=800, mass=fixed)" \
+        in stdout
+    assert "adaptive index (mass target): 4 of 6 vertical-slash heads (mass=0.95 x2, mass=0.99 x2), 2 fixed budgets\n" \
         in stdout
     fixed = tmp_path / "fixed.json"
     save_plan(plan.without_mass(), fixed)
     code, stdout, _ = _run(capsys, "show", fixed)
-    assert "adaptive index (mass target): none of 6 vertical-slash heads (all fixed budgets)" in stdout
+    assert "adaptive index (mass target): none of 6 vertical-slash heads, 6 fixed budgets\n" in stdout
+    # heads without a mass setting run the backend's (the adaptive index by default), and show says so
+    inherit = tmp_path / "inherit.json"
+    save_plan(ModelPlan(((HP.vertical_slash(), HP.vertical_slash(mass="fixed"), HP.a_shape()),)), inherit)
+    code, stdout, _ = _run(capsys, "show", inherit)
+    assert ("adaptive index (mass target): none of 2 vertical-slash heads, 1 fixed budgets, 1 take the backend's "
+            "mass setting (default 1.0, the adaptive index)\n") in stdout, stdout
     code, _, err = _run(capsys, "convert", path, tmp_path / "mi.json", "--to", "minference")
     assert code == 2 and "layer 0, head 0: MInference's format has no mass target" in err and "4 head(s)" in err
     code, _, err = _run(capsys, "convert", path, tmp_path / "ours.json", "--drop-mass")

@@ -125,7 +125,7 @@ def test_state_with_other_settings_or_input_is_refused(planted, tmp_path):
     model, ids = planted
     short = ids[:, :600]
     search(model, short, settings=SETTINGS, state_dir=tmp_path / "st", num_layers=2, num_heads=4, progress=False)
-    with pytest.raises(SearchError, match=r"other settings \(candidates \[a_shape\(n_init=64, n_local=256\), .*\] -> \[a_shape\(n_init=64, n_local=256\), a_shape\(n_init=128, n_local=512\), vertical_slash\(v=48, s=100\)\]\)"):
+    with pytest.raises(SearchError, match=r"other settings \(candidates \[a_shape\(n_init=64, n_local=256\), .*\] -> \[a_shape\(n_init=64, n_local=256\), a_shape\(n_init=128, n_local=512\), vertical_slash\(v=48, s=100, mass=fixed\)\]\)"):
         search(model, short, settings=SearchSettings(candidates=CANDS[:3]), state_dir=tmp_path / "st",
                num_layers=2, num_heads=4, progress=False)
     with pytest.raises(SearchError, match=r"input_sha1"):
@@ -191,7 +191,9 @@ def test_search_with_mass_candidates_picks_an_adaptive_head_below_the_fixed_cost
     st = SearchSettings(candidates=CANDS, cost="pairs", **MASS)
     both = search(model, ids, settings=st, out=out, num_layers=1, num_heads=4, progress=False)
     sc = both.scores[0]
-    assert sc.candidates == st.scored and sc.candidates[:len(CANDS)] == CANDS  # fixed first, then the adaptive
+    # fixed first (the vertical-slash ones marked fixed, as the plan writes them), then the adaptive
+    assert sc.candidates == st.scored and sc.candidates[:len(CANDS)] == st.candidates
+    assert [c.mass for c in st.candidates if c.pattern.value == "vertical_slash"] == ["fixed"] * 3
     head = both.plan.layers[0][0]
     assert head.pattern.value == "vertical_slash" and head.mass is not None and head.budget == (48, 6096)
     c = sc.candidates.index(dataclasses.replace(head, score=None))
@@ -202,7 +204,7 @@ def test_search_with_mass_candidates_picks_an_adaptive_head_below_the_fixed_cost
     same = [i for i, cand in enumerate(sc.candidates) if cand.mass is not None and sc.cost[0][i] == sc.cost[0][c]]
     assert head.mass == max(sc.candidates[i].mass for i in same)
     # --modes fixed is the search as it was: the same candidates and choices; mode mass only changed head 0
-    assert fixed.scores[0].candidates == CANDS and fixed.plan.layers[0][0].mass is None
+    assert fixed.scores[0].candidates == st.candidates and fixed.plan.layers[0][0].mass == "fixed"
     assert fixed.plan.layers[0][0].pattern.value == "vertical_slash"
     assert both.plan.layers[0][1:] == fixed.plan.layers[0][1:]
     assert [hp.pattern.value for hp in both.plan.layers[0]] == [EXPECTED[k] for k in ROPE_LAYOUT[0]]
