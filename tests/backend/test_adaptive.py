@@ -143,3 +143,38 @@ def test_plan_mass_round_trips_and_validates(tmp_path):
         mif_compile.backend(mass="fixd")
     assert mif_compile.BackendConfig().mass == 1.0 and mif_compile.BackendConfig(mass="Fixed").mass == "fixed"
     assert HeadPattern.vertical_slash(mass="FIXED").fixed and not HeadPattern.vertical_slash(mass="fixed").adaptive
+
+
+def test_a_minference_plan_runs_its_fixed_budgets_under_the_default_mass(tmp_path):
+    """The backend's default is the adaptive index; a MInference plan file means fixed budgets, and runs
+    them: the same output as mass="fixed", and the report says fixed budgets."""
+    q, k, v = structured_qk(1, 4, 2, 1200, 16)
+    path = tmp_path / "mi.json"
+    path.write_text('[{"0": ["vertical_and_slash", 100, 600, 0.9], "1": ["vertical_and_slash", 100, 600, 0.9], '
+                    '"2": ["vertical_and_slash", 100, 600, 0.9], "3": ["vertical_and_slash", 100, 600, 0.9]}]')
+
+    class Attn(torch.nn.Module):
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    class Model(torch.nn.Module):  # a per-layer plan needs the layer index: the site sits in layers.0
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([Attn()])
+
+        def forward(self, q, k, v):
+            return self.layers[0](q, k, v)
+
+    attn = Model()
+    outs = {}
+    for name, extra in (("plan", {"config": str(path)}), ("default", {}), ("fixed", {"mass": "fixed"})):
+        torch._dynamo.reset()
+        pattern = {} if extra.get("config") else {"default_pattern": HeadPattern.vertical_slash(100, 600)}
+        compiled = torch.compile(attn, backend=mif_compile.backend(
+            min_seq_len=0, impl="reference", max_density=1.0, inductor=False, **pattern, **extra))
+        outs[name] = compiled(q, k, v)
+        if name == "plan":
+            text = str(mif_compile.last_report())
+            assert "4 x vertical_slash(v=100, s=600, mass=fixed); vertical-slash: fixed budgets" in text, text
+    assert torch.equal(outs["plan"], outs["fixed"])
+    assert not torch.equal(outs["default"], outs["fixed"])  # the default really is another index here
