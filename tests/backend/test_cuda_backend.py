@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mif_compile
-from mif_compile import BackendConfig, HeadPattern, ModelPlan
+from mif_compile import BackendConfig, HeadPattern, ModelPlan, Pattern
 from mif_compile.ops import encode_heads, run_layer
 from mif_compile.testing import assert_close_to_ref64  # noqa: F401  (same helper as the kernel tests)
 from tests.backend.models import tiny_llama
@@ -58,14 +58,19 @@ def test_compiled_model_triton_equals_reference_padded():
     assert ((a - b).norm() / b.norm()) < 2e-2
 
 
-def test_op_is_cuda_graph_capturable():
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_op_is_cuda_graph_capturable(adaptive):
+    """The op in a CUDA graph, with the fixed budgets and with the adaptive index (the backend's default):
+    no host sync, no allocation that outlives the call; a replay recomputes everything."""
     torch.manual_seed(0)
     B, H, Hkv, N, D = 1, 4, 2, 4096, 128
     q = torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(B, Hkv, N, D, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(B, Hkv, N, D, device="cuda", dtype=torch.bfloat16)
-    codes, b0, b1 = encode_heads(MIXED.layers[0])
-    args = (None, D ** -0.5, codes, b0, b1, 0, 64, 64, "triton")
+    heads = MIXED.layers[0]
+    codes, b0, b1 = encode_heads(heads)
+    mass = [1.0 if hp.pattern is Pattern.VERTICAL_SLASH else 0.0 for hp in heads] if adaptive else None
+    args = (None, D ** -0.5, codes, b0, b1, 0, 64, 64, "triton", 1.0, mass)
     eager = run_layer(q, k, v, *args)  # warm-up: compiles kernels, pins the plan on the host
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
