@@ -84,6 +84,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--lengths", type=int, nargs="+", default=[131072, 262144, 524288, 1048576])
     p.add_argument("--mixes", nargs="+", default=list(ALL_MIXES), choices=list(ALL_MIXES))
     p.add_argument("--mass", type=float, nargs="*", default=[], help="adaptive index targets, e.g. 0.95")
+    p.add_argument("--index-compile", action="store_true",
+                   help="every mode also with mif_compile.ops.compile_index() (the vertical-slash choice through "
+                        "torch.compile), as MODE+ic, timed in the same run")
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--head-dim", type=int, default=128)
@@ -109,6 +112,7 @@ def main(argv=None) -> list[dict]:
     h, g, d = args.heads, args.kv_heads, args.head_dim
     f = packed_sdpa(h, g)
     compiled = {name: torch.compile(f, backend=mif_compile.backend(**o), dynamic=False) for name, o in modes.items()}
+    ic_variants = (False, True) if args.index_compile else (False,)
     scale = d ** -0.5
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     import triton
@@ -159,13 +163,16 @@ def main(argv=None) -> list[dict]:
             out_dense = dense(q, k, v)[:, :, idx]
             err_dense = rel(out_dense, ref)
             fixed_ms = None
-            for name, c in compiled.items():
+            for name, c, ic in [(m, c, ic) for m, c in compiled.items() for ic in ic_variants]:
+                mif_compile.ops.compile_index("inductor" if ic else None, devices=(device.type,))
+                name = name + ("+ic" if ic else "")
+                c(x)  # with --index-compile: the choice compiles here (once per process), not in a timing
                 with mif_compile.ops.collect_stats() as stats:
                     out = c(x)[:, :, idx]
                 dens = sum(s["density"] for s in stats) / max(len(stats), 1)
                 fell = any(s["fell_back_to_dense"] for s in stats)
                 ms = bench(lambda: c(x))
-                index_ms = bench(lambda: candidate_index(q, k, cands[name], scale=scale, block_m=128,
+                index_ms = bench(lambda: candidate_index(q, k, cands[name.removesuffix("+ic")], scale=scale, block_m=128,
                                                          impl="reference" if quick else "triton"))
                 fixed_ms = ms if name == "fixed" else fixed_ms
                 row = dict(bench="structured", gpu=gpu, **versions, seq_len=n, mix=mix, mode=name, heads=h, kv_heads=g,
@@ -174,7 +181,7 @@ def main(argv=None) -> list[dict]:
                            vs_fixed=fixed_ms / ms, density=dens, fell_back_to_dense=fell,
                            err_ref=rel(out, ref), err_cudnn=rel(out, out_dense), err_dense_ref=err_dense,
                            keys95_median=float(kfm.median()), keys95_max=float(kfm.max()), mass_profile=prof,
-                           compile_s=compile_s[name])
+                           compile_s=compile_s[name.removesuffix("+ic")], index_compile=ic)
                 rows.append(row)
                 print(f"{n:>8} {mix:>8} {name:>9} {t_dense:9.2f} {ms:9.2f} {index_ms:8.2f} {t_dense / ms:7.2f}x "
                       f"{fixed_ms / ms:7.2f}x "
@@ -183,6 +190,7 @@ def main(argv=None) -> list[dict]:
             del q, k, v, x, ref, out_dense, out
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    mif_compile.ops.compile_index(None)
     print("(* = the op fell back to dense: the index kept more than max_density of the pairs)")
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"bench_structured{args.tag}")

@@ -4,8 +4,10 @@
 # script, then named gpu_session6.sh, with MASSES="0.95 0.98 0.99" and TAG=_s6.)
 #   bash benchmarks/gpu_stages.sh op        # cuda tests of the index, bench_structured (fixed vs each of
 #                                           # $MASSES, 4 mixes, 128K-1M)
-#   bash benchmarks/gpu_stages.sh profile   # the index stage by stage (estimate, fixed, select, build) and
-#                                           # kernel by kernel, fixed / 1.0 / 0.99, 128K 256K 1M (~1 min)
+#   bash benchmarks/gpu_stages.sh profile   # the index stage by stage (estimate, fixed, select, choice, build)
+#                                           # and kernel by kernel, fixed / 1.0 / 0.99, eager and with
+#                                           # ops.compile_index() (+ic), 128K 256K 1M (~2 min)
+# MIF_COMPILE_INDEX=1 in front of any stage runs the op's vertical-slash choice through torch.compile.
 #   bash benchmarks/gpu_stages.sh random    # random q/k at 128K + 512K, each of $MASSES (never slower)
 #   bash benchmarks/gpu_stages.sh model     # whole model, 32 layers, structured mixed, 128K + 256K, dense,
 #                                           # fixed ("vs") and $MODEL_MASSES (1.0: the default options)
@@ -35,8 +37,8 @@ case $stage in
     timeout $(( $(left) - 5 )) python3 benchmarks/bench_structured.py --mixes mixed local slash vertical \
       --mass $MASSES --out "$d" --tag "$TAG" 2>&1 | grep -v -i warn | tee "$d/op.log" | tail -75 ;;
   profile)
-    timeout $(( $(left) - 5 )) python3 benchmarks/profile_index.py --lengths 131072 262144 1048576 --out "$d" \
-      --tag "$TAG" 2>&1 | grep -v -i "warn\|USDT" | tee "$d/profile.log" | tail -60 ;;
+    timeout $(( $(left) - 5 )) python3 benchmarks/profile_index.py --lengths 131072 262144 1048576 --index-compile \
+      --out "$d" --tag "$TAG" 2>&1 | grep -v -i "warn\|USDT" | tee "$d/profile.log" | tail -60 ;;
   random)
     timeout $(( $(left) - 5 )) python3 benchmarks/bench_structured.py --mixes random --lengths 131072 524288 \
       --mass $MASSES --out "$d" --tag "_random$TAG" 2>&1 | grep -v -i warn | tee "$d/random.log" | tail -12 ;;

@@ -4,13 +4,18 @@ The op's index for one layer (``ops.build_layer_index``) runs, for vertical-slas
 ``estimate`` (``vertical_slash_scores``: the last-64-query probe, column and diagonal sums),
 ``fixed`` (``vertical_slash_topk``: MInference's top-v / top-s choice; also the fallback of adaptive
 heads, so an adaptive layer runs it too), ``select`` (``vertical_slash_select``: the adaptive choice,
-``kernels/select.py``) and ``build`` (``build_vs_index``: the block index the kernel reads). Per N and
+``kernels/select.py``), ``choice`` (``ops.vs_choice``: fixed + select + their merge, the part that
+``--index-compile`` runs through ``torch.compile``, ``ops.compile_index``) and ``build`` (``build_vs_index``: the block index the kernel reads). Per N and
 mode (``fixed`` or a mass target) this times each stage apart on the same structured q/k
 (benchmarks/structured.py), the whole ``build_layer_index``, and lists the top device kernels of one
 whole call under ``torch.profiler`` with the number of kernel launches: the facts a fused selection
-kernel would have to beat. Times are ``triton.testing.do_bench`` medians on a GPU.
+kernel would have to beat; ``kernel_ms`` is the sum of the device kernels' times, so
+``index_ms - kernel_ms`` is the device waiting for the host (launches, dispatch). With
+``--index-compile`` each mode runs twice, eager and compiled (``MODE+ic``), in the same process. Times
+are ``triton.testing.do_bench`` medians on a GPU.
 
     python benchmarks/profile_index.py --lengths 131072 1048576 --out $OUT     # a GPU
+    python benchmarks/profile_index.py --lengths 131072 --index-compile --out $OUT
     python benchmarks/profile_index.py --quick                                 # CPU smoke run (the test)
 """
 
@@ -30,7 +35,7 @@ from mif_compile import HeadPattern, kernels as K, ops  # noqa: E402
 from mif_compile.ops import BLOCK_N  # noqa: E402
 from structured import structured_qkv  # noqa: E402
 
-STAGES = ("estimate", "fixed", "select", "build")
+STAGES = ("estimate", "fixed", "select", "choice", "build")
 
 
 def timer(device: torch.device, rep_ms: int):
@@ -58,13 +63,16 @@ def stage_calls(q, k, head: HeadPattern, *, scale: float, last_q: int, block_m: 
     col, diag = K.vertical_slash_scores(q, k, last_q=last_q, scale=scale, impl=impl)
     v_idx, s_off = K.vertical_slash_topk(col, diag, t["v_count"], t["s_count"], v_max=max(lp.v_count),
                                          s_max=max(lp.s_count))
+    caps = dict(last_q=last_q, v_max=max(lp.v_count), s_max=max(lp.s_count))
     if head.adaptive:
-        v_idx, s_off, _ = K.vertical_slash_select(col, diag, t["v_count"], t["s_count"], t["mass"], last_q=last_q,
-                                                  v_max=max(lp.v_count), s_max=max(lp.s_count))
+        caps.update(a_v_max=max(lp.v_count), a_s_max=max(lp.s_count))
+    choice = (col, diag, t["v_count"], t["s_count"], t["mass"], t["is_adaptive"])
+    v_idx, s_off, _, _ = ops.vs_choice(*choice, **caps)
     calls = {
         "estimate": lambda: K.vertical_slash_scores(q, k, last_q=last_q, scale=scale, impl=impl),
         "fixed": lambda: K.vertical_slash_topk(col, diag, t["v_count"], t["s_count"], v_max=max(lp.v_count),
                                                s_max=max(lp.s_count)),
+        "choice": lambda: ops._choice_fn(q.device)(*choice, **caps),
         "build": lambda: K.build_vs_index(v_idx, s_off, t["n_sink"], seq_len=n, block_m=block_m, block_n=BLOCK_N,
                                           cap_s=lp.cap_s, cap_v=lp.cap_v, impl=impl),
         "index": lambda: ops.build_layer_index(q, k, None, scale, codes, b0, b1, last_q, block_m, impl, mass=mass),
@@ -92,6 +100,7 @@ def kernel_table(fn, device: torch.device, top: int):
     else:  # the CPU has no kernels: the aten ops (nested ones included), for the smoke run only
         events = [e for e in prof.events() if e.name.startswith("aten::")]
     launches = len(events)
+    total_ms = sum(float(e.time_range.elapsed_us()) for e in events) / 1e3
     by_name: dict[str, list] = {}
     for e in events:
         us = float(e.time_range.elapsed_us())
@@ -100,7 +109,7 @@ def kernel_table(fn, device: torch.device, top: int):
         row[1] += us
     rows = sorted(({"kernel": name[:90], "calls": c, "us": round(us, 1)} for name, (c, us) in by_name.items()),
                   key=lambda r: -r["us"])
-    return launches, rows[:top]
+    return launches, total_ms, rows[:top]
 
 
 def main(argv=None) -> list[dict]:
@@ -112,6 +121,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--modes", default="fixed,1.0,0.99", help="comma list: 'fixed' and mass targets")
     p.add_argument("--top", type=int, default=12, help="kernels listed per (N, mode)")
+    p.add_argument("--index-compile", action="store_true",
+                   help="each mode also with ops.compile_index() (the choice through torch.compile), as MODE+ic")
     p.add_argument("--quick", action="store_true", help="CPU, reference path, small N and caps")
     p.add_argument("--out", default=None)
     p.add_argument("--tag", default="")
@@ -133,24 +144,30 @@ def main(argv=None) -> list[dict]:
     rows = []
     print(f"# {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}; "
           f"{args.heads} query / {args.kv_heads} kv heads, d={args.head_dim}, {dtype}, mix {args.mix}, caps {caps}")
-    print(f"{'N':>8} {'mode':>6} " + " ".join(f"{s:>9}" for s in STAGES) + f" {'index':>9} {'launches':>8}  (ms)")
+    print(f"{'N':>9} {'mode':>7} " + " ".join(f"{s:>9}" for s in STAGES) + f" {'index':>9} {'kernels':>9} "
+          f"{'launches':>8}  (ms)")
+    variants = [(m, False) for m in modes] + ([(m, True) for m in modes] if args.index_compile else [])
     for n in args.lengths:
         q, k, _ = structured_qkv(args.mix, heads=args.heads, kv_heads=args.kv_heads, seq_len=n,
                                  head_dim=args.head_dim, dtype=dtype, device=device)
-        for mode, head in heads.items():
-            calls = stage_calls(q, k, head, scale=scale, last_q=64, block_m=128, impl=impl)
+        for mode, compiled in variants:
+            ops.compile_index("inductor", devices=(device.type,)) if compiled else ops.compile_index(None)
+            calls = stage_calls(q, k, heads[mode], scale=scale, last_q=64, block_m=128, impl=impl)
+            calls["choice"]()  # with --index-compile: compiles here, not inside a timing
             ms = {name: bench(fn) for name, fn in calls.items()}
-            launches, kernels = kernel_table(calls["index"], device, args.top)
-            row = dict(seq_len=n, mode=mode, mix=args.mix, heads=args.heads, kv_heads=args.kv_heads,
-                       head_dim=args.head_dim, device=str(device), torch=torch.__version__,
-                       stage_ms={s: ms.get(s) for s in STAGES}, index_ms=ms["index"], launches=launches,
-                       kernels=kernels)
+            launches, kernel_ms, kernels = kernel_table(calls["index"], device, args.top)
+            name = mode + ("+ic" if compiled else "")
+            row = dict(seq_len=n, mode=name, mix=args.mix, heads=args.heads, kv_heads=args.kv_heads,
+                       head_dim=args.head_dim, device=str(device), torch=torch.__version__, index_compile=compiled,
+                       stage_ms={s: ms.get(s) for s in STAGES}, index_ms=ms["index"], kernel_ms=kernel_ms,
+                       launches=launches, kernels=kernels)
             rows.append(row)
             cells = " ".join(f"{ms[s]:9.3f}" if s in ms else f"{'-':>9}" for s in STAGES)
-            print(f"{n:>8} {mode:>6} {cells} {ms['index']:9.3f} {launches:8d}", flush=True)
+            print(f"{n:>9} {name:>7} {cells} {ms['index']:9.3f} {kernel_ms:9.3f} {launches:8d}", flush=True)
             for r in kernels[:5]:
                 print(f"{'':>16} {r['us']:9.1f} us x{r['calls']:<3} {r['kernel']}")
         del q, k
+    ops.compile_index(None)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, f"profile_index{args.tag}.json"), "w") as fh:

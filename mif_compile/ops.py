@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -29,7 +30,7 @@ from .config import PATTERN_FROM_CODE, HeadPattern, Pattern, clamp_budget
 
 __all__ = ["sparse_attention", "sparse_attention_backward", "dense_attention", "run_layer", "layer_grads",
            "sparse_index", "broadcast_batch", "encode_heads", "encode_mass", "build_layer_index", "kept_density",
-           "collect_stats", "BLOCK_N"]
+           "collect_stats", "vs_choice", "compile_index", "BLOCK_N"]
 
 BLOCK_N = 64  # key granularity of every pattern (contract: docs/kernel-contract.md)
 
@@ -410,27 +411,15 @@ def build_layer_index(
         if lp.has_vs:
             col, diag = vs_scores if vs_scores is not None else K.vertical_slash_scores(
                 q, k, last_q=last_q, scale=scale, key_padding=key_padding, impl=impl)
-            # MInference's fixed budgets: the plan for fixed heads, and the fallback of adaptive heads
-            # whose caps hold less than STRUCTURE_FLOOR of the estimated mass (too little structure)
-            v_idx, s_off = K.vertical_slash_topk(col, diag, t["v_count"], t["s_count"],
-                                                 v_max=max(lp.v_count), s_max=max(lp.s_count))
+            caps = dict(last_q=last_q, v_max=max(lp.v_count), s_max=max(lp.s_count))
             if lp.has_adaptive_vs:
                 adaptive = [i for i, m in enumerate(lp.mass) if m > 0]
-                va, sa, share = K.vertical_slash_select(
-                    col, diag, t["v_count"], t["s_count"], t["mass"], last_q=last_q,
-                    v_max=max(lp.v_count[i] for i in adaptive), s_max=max(lp.s_count[i] for i in adaptive))
-                from .kernels.select import target_outcome
-
-                reached, selected = target_outcome(share, t["mass"])
-                is_adaptive = t["is_adaptive"][None, :]
-                sel = (is_adaptive & selected)[..., None]  # [B, H, 1]
-                if info is not None:
-                    info["adaptive"] = b * len(adaptive)
-                    info["missed"] = (is_adaptive & ~reached).sum()
-                    info["fixed"] = (is_adaptive & ~selected).sum()
-                vw, sw = max(va.shape[-1], v_idx.shape[-1]), max(sa.shape[-1], s_off.shape[-1])
-                v_idx = torch.where(sel, _pad_last(va, vw), _pad_last(v_idx, vw))
-                s_off = torch.where(sel, _pad_last(sa, sw), _pad_last(s_off, sw))
+                caps.update(a_v_max=max(lp.v_count[i] for i in adaptive), a_s_max=max(lp.s_count[i] for i in adaptive))
+            v_idx, s_off, missed, fixed = _choice_fn(col.device)(col, diag, t["v_count"], t["s_count"], t["mass"],
+                                                               t["is_adaptive"], **caps)
+            if info is not None and lp.has_adaptive_vs:
+                info["adaptive"] = b * len(adaptive)
+                info["missed"], info["fixed"] = missed, fixed
         else:
             v_idx = torch.full((b, h, 1), -1, dtype=torch.int32, device=q.device)
             s_off = torch.full((b, h, 1), -1, dtype=torch.int32, device=q.device)
@@ -447,6 +436,67 @@ def build_layer_index(
         bs_index = K.build_bs_index(blk, seq_len=n, block_m=block_m, block_n=BLOCK_N, cap_s=lp.cap_bs, impl=impl)
         index = bs_index if index is None else _merge_index(index, bs_index, t["is_bs"])
     return index
+
+
+def vs_choice(col, diag, v_count, s_count, mass, is_adaptive, *, last_q: int, v_max: int, s_max: int,
+              a_v_max: int | None = None, a_s_max: int | None = None):
+    """The vertical-slash heads' columns and diagonals: (v_idx, s_off, missed, fixed).
+
+    MInference's fixed budgets (``vertical_slash_topk``) for every head: the plan of fixed heads, and
+    the fallback of adaptive heads whose caps hold less than STRUCTURE_FLOOR of the estimated mass (too
+    little structure). With ``a_v_max`` (the adaptive heads' largest caps) the adaptive selection
+    (``kernels/select.py``) for the heads with ``is_adaptive``, where it is selected; ``missed`` and
+    ``fixed`` (device scalars, else None) count the adaptive heads short of their target and those that
+    run the fixed choice. Pure torch without host reads: the op may run it through ``torch.compile``
+    (:func:`compile_index`)."""
+    from .kernels import reference as R
+    from .kernels.select import target_outcome, vertical_slash_select
+
+    v_idx, s_off = R.vertical_slash_topk(col, diag, v_count, s_count, v_max=v_max, s_max=s_max)
+    if a_v_max is None:
+        return v_idx, s_off, None, None
+    va, sa, share = vertical_slash_select(col, diag, v_count, s_count, mass, last_q=last_q, v_max=a_v_max,
+                                          s_max=a_s_max)
+    reached, selected = target_outcome(share, mass)
+    is_adaptive = is_adaptive[None, :]
+    sel = (is_adaptive & selected)[..., None]  # [B, H, 1]
+    vw, sw = max(va.shape[-1], v_idx.shape[-1]), max(sa.shape[-1], s_off.shape[-1])
+    v_idx = torch.where(sel, _pad_last(va, vw), _pad_last(v_idx, vw))
+    s_off = torch.where(sel, _pad_last(sa, sw), _pad_last(s_off, sw))
+    return v_idx, s_off, (is_adaptive & ~reached).sum(), (is_adaptive & ~selected).sum()
+
+
+_INDEX_COMPILE: dict = {"backend": None, "devices": ("cuda",), "fns": {}}
+
+
+def compile_index(backend: str | None = "inductor", *, devices: Sequence[str] = ("cuda",)) -> None:
+    """Run the vertical-slash choice (:func:`vs_choice`: fixed top-k, adaptive selection, merge; about
+    200 small torch ops for an adaptive layer, each a kernel launch and a dispatch on the host) through
+    ``torch.compile(backend=backend, dynamic=True, fullgraph=True)`` for tensors on ``devices``: a few
+    fused kernels. ``backend=None`` (the default state; also ``MIF_COMPILE_INDEX=0``) runs it eagerly;
+    ``MIF_COMPILE_INDEX=1`` at import is ``compile_index()``. Opt-in until measured on the GPU
+    (``benchmarks/profile_index.py --index-compile``). The first call per process compiles (about 15 s,
+    once more for lengths that are a multiple of 64); a call inside a CUDA-graph capture must come after
+    a warm-up call, as the op's other kernels do. Each new set of caps (``v_max``, ``s_max``: a plan's
+    distinct budgets) compiles once more; past Dynamo's ``cache_size_limit`` the choice runs eagerly,
+    the same computation."""
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"compile_index: backend must be a torch.compile backend name or None, got {backend!r}")
+    _INDEX_COMPILE.update(backend=backend, devices=tuple(devices))
+
+
+def _choice_fn(device: torch.device):
+    backend = _INDEX_COMPILE["backend"]
+    if backend is None or device.type not in _INDEX_COMPILE["devices"]:
+        return vs_choice
+    fns = _INDEX_COMPILE["fns"]  # one wrapper per backend: switching back and forth compiles nothing again
+    if backend not in fns:
+        fns[backend] = torch.compile(vs_choice, backend=backend, dynamic=True, fullgraph=True)
+    return fns[backend]
+
+
+if os.environ.get("MIF_COMPILE_INDEX", "0") not in ("", "0"):
+    compile_index(os.environ["MIF_COMPILE_INDEX"] if os.environ["MIF_COMPILE_INDEX"] != "1" else "inductor")
 
 
 def kept_density(index, n: int, block_m: int) -> torch.Tensor:
