@@ -36,7 +36,7 @@ __all__ = [
 FORMAT = "mif-compile/v1"
 FIXED = "fixed"  # the mass setting of MInference's fixed budgets (exactly the top v columns and s diagonals)
 # The backend's default mass target: the adaptive index keeping every candidate within the caps
-# (README, "Which index is the default"; benchmarks/results/bench_structured_h200_s7.md).
+# (README, "Which index is the default"; benchmarks/results/bench_structured_h200_s7.json, eval_long_h200_s7.json).
 DEFAULT_MASS: float | str = 1.0
 
 
