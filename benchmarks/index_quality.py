@@ -63,7 +63,8 @@ def layer_index(scores, q, k, scale, vb, sb, mass=None):
         g = h // (H // G)
         out.append(ops.build_layer_index(
             q[:, h:h + 1], k[:, g:g + 1], None, scale, [2], [vb], [sb], impl="reference",
-            vs_scores=(scores[0][:, h:h + 1], scores[1][:, h:h + 1]), mass=None if mass is None else [mass],
+            block_m=BLOCK_M, vs_scores=(scores[0][:, h:h + 1], scores[1][:, h:h + 1]),
+            mass=None if mass is None else [mass],
             info=info))
         if mass is not None:
             missed += int(info["missed"])
@@ -160,8 +161,12 @@ def main(argv=None):
     ap.add_argument("--oracle", default="", help="comma-separated targets for the true-mass oracle (a bound)")
     ap.add_argument("--model", action="store_true",
                     help="instead of --mix: every layer of the shipped retrieval model on a multi-key prompt")
+    ap.add_argument("--block-m", type=int, default=128, choices=(64, 128),
+                    help="the index's query block (the op's block_m; the kernel's tiles are block_m x 64 keys)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    global BLOCK_M
+    BLOCK_M = args.block_m
     bad = [m for m in args.mix.split(",") if m not in (*MIXES, "random")]
     if bad:
         ap.error(f"--mix: unknown {bad}; choose from {sorted(MIXES) + ['random']}")
@@ -248,7 +253,7 @@ def run_mix(mix, args, given=None):
     for tg in [float(x) for x in args.oracle.split(",") if x and st is not None]:
         out.append(measure(f"oracle{tg}", oracle_index(P, rows, st, n, tg), P, O, V, rows, n, st))
     print(f"# indexes in {time.time() - t1:.0f} s", flush=True)
-    return dict(mix=mix, seq_len=n, heads=H, kv_heads=G, rows=len(rows), budgets=args.budgets,
+    return dict(mix=mix, seq_len=n, heads=H, kv_heads=G, rows=len(rows), budgets=args.budgets, block_m=BLOCK_M,
                 old_rule=args.old_rule, results=out)
 
 if __name__ == "__main__":
