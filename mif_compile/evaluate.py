@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from .backend import with_mass
-from .config import FIXED, BackendConfig, ConfigError, HeadPattern, ModelPlan, Pattern, _mass_text, check_mass
+from .config import DEFAULT_MASS, FIXED, BackendConfig, ConfigError, HeadPattern, ModelPlan, Pattern, _mass_text, check_mass
 from .tasks import ByteTokenizer, HFTokenizer, SymbolFormat, TextFormat, load_text, multikey_sample, needle_sample, \
     text_window
 
@@ -134,7 +134,7 @@ def default_runs(cfg: BackendConfig | None = None, *, a_shape: tuple[int, int] |
             runs.append(Run(name, dataclasses.replace(cfg, mass=mass), score=score))
     if match is not None and match not in {r.name for r in runs}:
         raise ConfigError(f"--match-density {match!r}: no such run (runs: {', '.join(r.name for r in runs[1:])})")
-    base = dataclasses.replace(cfg, mass=FIXED)
+    base = dataclasses.replace(cfg, mass=DEFAULT_MASS)  # the baselines have no vertical-slash head: mass is moot
     if a_shape:
         runs.append(Run("a_shape", _uniform(base, HeadPattern.a_shape(*a_shape)), match, score))
     if block_sparse:

@@ -77,7 +77,8 @@ def test_default_settings_override_nothing():
     assert overrides(runs["ours_adaptive"].cfg) == {"mass": 0.99}
     assert overrides(runs["ours_fixed"].cfg) == {"mass": "fixed"}  # ours is the default, mass=1.0
     assert runs["a_shape"].match == runs["block_sparse"].match == "ours"
-    assert runs["a_shape"].cfg.mass == "fixed" and runs["a_shape"].cfg.min_seq_len == 32768
+    assert overrides(runs["a_shape"].cfg) == {"default_pattern": "a_shape(n_init=128, n_local=3968)"}
+    assert runs["a_shape"].cfg.min_seq_len == 32768
     forced = {r.name: r for r in default_runs(BackendConfig(), adaptive=None)}
     assert "ours_adaptive" not in forced and "ours_fixed" not in forced
     assert overrides(forced["ours"].cfg) == {"min_seq_len": 0, "max_density": 1.0}
