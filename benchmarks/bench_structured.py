@@ -7,7 +7,8 @@ the device, then, in the same run:
   called once per mix for the error columns;
 - ours: ``torch.compile(f, backend=mif_compile.backend(**opts))`` with default options but
   ``mass="fixed"`` (MInference's fixed budgets, ``vertical_slash(1000, 6096)``), and once per ``--mass``
-  value (``--mass 1.0``: the default options).
+  value (``--mass 1.0``: the default options); ``--block-m 64 128`` runs every mode at both query
+  blocks of the index and kernel (``MODE@bm64``; "vs fixed" is against the fixed budgets at 128).
 ``f`` takes q, k and v packed along heads in one tensor whose length is marked dynamic: one compile
 serves every N. (With ``dynamic=True`` the head count is symbolic, and with q, k, v as three inputs
 their lengths are three symbols; either way the pass cannot prove a causal prefill and stays dense.)
@@ -87,6 +88,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--index-compile", action="store_true",
                    help="every mode also with mif_compile.ops.compile_index() (the vertical-slash choice through "
                         "torch.compile), as MODE+ic, timed in the same run")
+    p.add_argument("--block-m", type=int, nargs="+", default=[128], choices=[64, 128],
+                   help="query blocks of the index and kernel: each mode runs at each (a mode at 64 is named MODE@bm64)")
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--head-dim", type=int, default=128)
@@ -105,7 +108,9 @@ def main(argv=None) -> list[dict]:
     dtype = torch.float32 if quick else torch.bfloat16
     base = dict(impl="reference", min_seq_len=0, max_density=1.0,
                 default_pattern=HeadPattern.vertical_slash(64, 256)) if quick else {}
-    modes = {"fixed": dict(base, mass="fixed")} | {f"mass{m:g}": dict(base, mass=m) for m in args.mass}
+    masses = {"fixed": "fixed"} | {f"mass{m:g}": m for m in args.mass}
+    modes = {name + ("" if bm == 128 else f"@bm{bm}"): dict(base, mass=m, block_m=bm)
+             for bm in sorted(set(args.block_m), reverse=True) for name, m in masses.items()}
     # the index alone (estimation, selection, index build: what the op runs before the kernel), timed apart
     caps = base.get("default_pattern", HeadPattern.vertical_slash()).budget
     cands = {name: HeadPattern.vertical_slash(*caps, mass=o.get("mass")) for name, o in modes.items()}
@@ -172,11 +177,14 @@ def main(argv=None) -> list[dict]:
                 dens = sum(s["density"] for s in stats) / max(len(stats), 1)
                 fell = any(s["fell_back_to_dense"] for s in stats)
                 ms = bench(lambda: c(x))
-                index_ms = bench(lambda: candidate_index(q, k, cands[name.removesuffix("+ic")], scale=scale, block_m=128,
+                mode = modes[name.removesuffix("+ic")]
+                index_ms = bench(lambda: candidate_index(q, k, cands[name.removesuffix("+ic")], scale=scale,
+                                                         block_m=mode["block_m"],
                                                          impl="reference" if quick else "triton"))
-                fixed_ms = ms if name == "fixed" else fixed_ms
+                if not ic and mode["mass"] == "fixed" and fixed_ms is None:  # block_m 128's fixed when it runs
+                    fixed_ms = ms
                 row = dict(bench="structured", gpu=gpu, **versions, seq_len=n, mix=mix, mode=name, heads=h, kv_heads=g,
-                           head_dim=d, dtype=str(dtype), cudnn_ms=t_dense, ours_ms=ms, index_ms=index_ms,
+                           head_dim=d, block_m=mode["block_m"], dtype=str(dtype), cudnn_ms=t_dense, ours_ms=ms, index_ms=index_ms,
                            speedup=t_dense / ms,
                            vs_fixed=fixed_ms / ms, density=dens, fell_back_to_dense=fell,
                            err_ref=rel(out, ref), err_cudnn=rel(out, out_dense), err_dense_ref=err_dense,
@@ -213,7 +221,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     for mix in dict.fromkeys(r["mix"] for r in rows):
         for mode in dict.fromkeys(r["mode"] for r in rows):
             r = [x for x in rows if x["mix"] == mix and x["mode"] == mode]
-            ax.plot([x["seq_len"] for x in r], [x["speedup"] for x in r], "o-" if mode == "fixed" else "s--",
+            ax.plot([x["seq_len"] for x in r], [x["speedup"] for x in r], "o-" if mode.startswith("fixed") else "s--",
                     label=f"{mix}, {mode}")
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_xscale("log", base=2)

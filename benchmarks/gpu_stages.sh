@@ -8,6 +8,8 @@
 #                                           # and kernel by kernel, fixed / 1.0 / 0.99, eager and with
 #                                           # ops.compile_index() (+ic), 128K 256K 1M (~2 min)
 # MIF_COMPILE_INDEX=1 in front of any stage runs the op's vertical-slash choice through torch.compile.
+#   bash benchmarks/gpu_stages.sh blockm    # block_m 64 vs 128 (index and kernel), mixed, 128K + 256K, fixed,
+#                                           # 1.0, 0.99: CPU says 15% fewer pairs at 64 (~3 min)
 #   bash benchmarks/gpu_stages.sh random    # random q/k at 128K + 512K, each of $MASSES (never slower)
 #   bash benchmarks/gpu_stages.sh model     # whole model, 32 layers, structured mixed, 128K + 256K, dense,
 #                                           # fixed ("vs") and $MODEL_MASSES (1.0: the default options)
@@ -24,7 +26,7 @@ stage=${1:-op}
 MASSES=${MASSES:-0.98 0.99 1.0}
 MODEL_MASSES=${MODEL_MASSES:-1.0}  # one mass: two did not fit a call in session 6 (session 7: 0.99)
 EVAL_ARGS=${EVAL_ARGS:-}  # e.g. "--adaptive 0.99" (session 7: ours was fixed, ours_adaptive 1.0)
-TAG=${TAG:-_s8}
+TAG=${TAG:-_s9}
 out=${OUT:-/tmp/out}; d="$out/$stage"; mkdir -p "$d"
 T0=$SECONDS
 left() { echo $(( ${LIMIT:-570} - (SECONDS - T0) )); }
@@ -39,6 +41,9 @@ case $stage in
   profile)
     timeout $(( $(left) - 5 )) python3 benchmarks/profile_index.py --lengths 131072 262144 1048576 --index-compile \
       --out "$d" --tag "$TAG" 2>&1 | grep -v -i "warn\|USDT" | tee "$d/profile.log" | tail -60 ;;
+  blockm)
+    timeout $(( $(left) - 5 )) python3 benchmarks/bench_structured.py --mixes mixed --lengths 131072 262144 \
+      --mass 1.0 0.99 --block-m 128 64 --out "$d" --tag "_blockm$TAG" 2>&1 | grep -v -i warn | tee "$d/blockm.log" | tail -12 ;;
   random)
     timeout $(( $(left) - 5 )) python3 benchmarks/bench_structured.py --mixes random --lengths 131072 524288 \
       --mass $MASSES --out "$d" --tag "_random$TAG" 2>&1 | grep -v -i warn | tee "$d/random.log" | tail -12 ;;

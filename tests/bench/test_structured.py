@@ -107,3 +107,21 @@ def test_bench_structured_quick_runs_on_cpu(tmp_path):
     assert mixed["err_ref"] < 0.05 and mixed["err_dense_ref"] < 1e-4, mixed
     assert mixed["keys95_median"] < 2048 / 4
     assert 0 < mixed["index_ms"] and mixed["ours_ms"] > 0  # the index alone is timed apart
+
+
+def test_bench_structured_block_m_modes(tmp_path):
+    """--block-m 64 128: every mode at each query block (named MODE@bm64), all measured against the
+    fixed budgets at block_m 128; the index at 64 is the same choice of keys cut into smaller query
+    blocks, so it keeps fewer pairs."""
+    import bench_structured
+
+    rows = bench_structured.main(["--quick", "--lengths", "2048", "--mixes", "mixed", "--mass", "1.0",
+                                  "--block-m", "64", "128", "--out", str(tmp_path)])
+    by = {r["mode"]: r for r in rows}
+    assert list(by) == ["fixed", "mass1", "fixed@bm64", "mass1@bm64"]
+    assert [r["block_m"] for r in rows] == [128, 128, 64, 64]
+    for name in ("fixed", "mass1"):
+        small, big = by[name + "@bm64"], by[name]
+        assert small["density"] < big["density"], (small["density"], big["density"])
+        assert small["err_ref"] < 0.05
+        assert small["vs_fixed"] == by["fixed"]["ours_ms"] / small["ours_ms"]
