@@ -459,6 +459,12 @@ def _cmd_convert(args) -> None:
         if not mi:
             raise ConfigError("--drop-mass applies to --to minference only (our format keeps mass targets)")
         plan = _drop_mass(plan, "convert")
+    inherit = 0 if plan.layers is None else sum(
+        hp.pattern is Pattern.VERTICAL_SLASH and hp.mass is None for layer in plan.layers for hp in layer)
+    if mi and inherit:
+        print(f"mif-compile convert: note: {inherit} vertical-slash head(s) take the backend's mass setting (default "
+              f"{DEFAULT_MASS}, the adaptive index); MInference's format means fixed budgets, so they read back "
+              "as mass='fixed'", file=sys.stderr)
     if mi and plan.layers is not None and plan.default != ModelPlan(plan.layers).default:
         print(f"mif-compile convert: note: MInference's format has no default pattern; {plan.default.describe()} "
               "is not written (a per-layer plan does not use it; it reads back as dense)", file=sys.stderr)

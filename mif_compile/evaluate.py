@@ -871,7 +871,7 @@ def _parse(argv, prog: str = "python -m mif_compile.evaluate"):
     p.add_argument("--batch-tokens", type=number(int, 1), default=32768,
                    help="tokens per forward (batch = this // length)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="folder for results.json, table.txt and needle.png (the heatmap needs matplotlib)")
+    p.add_argument("--out", help="folder for results.json, table.txt, table.md and needle.png (the heatmap needs matplotlib)")
     return p.parse_args(argv)
 
 

@@ -229,6 +229,11 @@ def test_show_and_plot_a_plan_with_mass_targets(tmp_path, capsys):
     code, stdout, _ = _run(capsys, "show", inherit)
     assert ("adaptive index (mass target): none of 2 vertical-slash heads, 1 fixed budgets, 1 take the backend's "
             "mass setting (default 1.0, the adaptive index)\n") in stdout, stdout
+    # ... and MInference's format cannot say "inherit": exporting them says they come back fixed
+    code, _, err = _run(capsys, "convert", inherit, tmp_path / "inherit_mi.json", "--to", "minference")
+    assert code == 0 and "1 vertical-slash head(s) take the backend's mass setting" in err, err
+    assert "read back as mass='fixed'" in err
+    assert load_plan(tmp_path / "inherit_mi.json").layers[0][0].mass == "fixed"
     code, _, err = _run(capsys, "convert", path, tmp_path / "mi.json", "--to", "minference")
     assert code == 2 and "layer 0, head 0: MInference's format has no mass target" in err and "4 head(s)" in err
     code, _, err = _run(capsys, "convert", path, tmp_path / "ours.json", "--drop-mass")
