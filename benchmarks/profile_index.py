@@ -14,6 +14,13 @@ kernel would have to beat; ``kernel_ms`` is the sum of the device kernels' times
 ``--index-compile`` each mode runs twice, eager and compiled (``MODE+ic``), in the same process. Times
 are ``triton.testing.do_bench`` medians on a GPU.
 
+Standalone, a stage whose device work is small is timed at its host cost: nothing runs behind it. In
+the op the host may run ahead instead (the next call's index is queued while this call's kernel runs,
+up to the op's one device read per call, the ``max_density`` check), so ``attn`` (the sparse kernel alone,
+on this index) and ``op`` (``ops.run_layer`` as the backend calls it, default ``max_density``) are timed
+too: ``op - attn`` is what the index adds to the op, to set against ``index`` (its standalone time) and
+``kernels`` (its device time).
+
     python benchmarks/profile_index.py --lengths 131072 1048576 --out $OUT     # a GPU
     python benchmarks/profile_index.py --lengths 131072 --index-compile --out $OUT
     python benchmarks/profile_index.py --quick                                 # CPU smoke run (the test)
@@ -31,7 +38,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from mif_compile import HeadPattern, kernels as K, ops  # noqa: E402
+from mif_compile import BackendConfig, HeadPattern, kernels as K, ops  # noqa: E402
 from mif_compile.ops import BLOCK_N  # noqa: E402
 from structured import structured_qkv  # noqa: E402
 
@@ -52,8 +59,9 @@ def timer(device: torch.device, rep_ms: int):
     return cpu
 
 
-def stage_calls(q, k, head: HeadPattern, *, scale: float, last_q: int, block_m: int, impl: str):
-    """name -> a zero-argument call of each stage on the same inputs, and the whole index."""
+def stage_calls(q, k, head: HeadPattern, *, scale: float, last_q: int, block_m: int, impl: str, v=None):
+    """name -> a zero-argument call of each stage on the same inputs, and the whole index; with ``v``
+    also ``attn`` (the sparse kernel on that index) and ``op`` (the whole op, ``ops.run_layer``)."""
     n = q.shape[2]
     heads = (head,) * q.shape[1]
     codes, b0, b1 = ops.encode_heads(heads)
@@ -77,6 +85,13 @@ def stage_calls(q, k, head: HeadPattern, *, scale: float, last_q: int, block_m: 
                                           cap_s=lp.cap_s, cap_v=lp.cap_v, impl=impl),
         "index": lambda: ops.build_layer_index(q, k, None, scale, codes, b0, b1, last_q, block_m, impl, mass=mass),
     }
+    if v is not None:
+        index = calls["index"]()
+        calls["attn"] = lambda: K.sparse_attention(q, k, v, index, scale=scale, block_m=block_m, block_n=BLOCK_N,
+                                                   impl=impl)
+        max_density = BackendConfig().max_density
+        calls["op"] = lambda: ops.run_layer(q, k, v, None, scale, codes, b0, b1, 0, last_q, block_m, impl,
+                                            max_density, mass)
     if head.adaptive:
         calls["select"] = lambda: K.vertical_slash_select(col, diag, t["v_count"], t["s_count"], t["mass"],
                                                           last_q=last_q, v_max=max(lp.v_count), s_max=max(lp.s_count))
@@ -145,14 +160,14 @@ def main(argv=None) -> list[dict]:
     print(f"# {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}; "
           f"{args.heads} query / {args.kv_heads} kv heads, d={args.head_dim}, {dtype}, mix {args.mix}, caps {caps}")
     print(f"{'N':>9} {'mode':>7} " + " ".join(f"{s:>9}" for s in STAGES) + f" {'index':>9} {'kernels':>9} "
-          f"{'launches':>8}  (ms)")
+          f"{'launches':>8} {'attn':>9} {'op':>9} {'op-attn':>9}  (ms)")
     variants = [(m, False) for m in modes] + ([(m, True) for m in modes] if args.index_compile else [])
     for n in args.lengths:
-        q, k, _ = structured_qkv(args.mix, heads=args.heads, kv_heads=args.kv_heads, seq_len=n,
+        q, k, v = structured_qkv(args.mix, heads=args.heads, kv_heads=args.kv_heads, seq_len=n,
                                  head_dim=args.head_dim, dtype=dtype, device=device)
         for mode, compiled in variants:
             ops.compile_index("inductor", devices=(device.type,)) if compiled else ops.compile_index(None)
-            calls = stage_calls(q, k, heads[mode], scale=scale, last_q=64, block_m=128, impl=impl)
+            calls = stage_calls(q, k, heads[mode], scale=scale, last_q=64, block_m=128, impl=impl, v=v)
             calls["choice"]()  # with --index-compile: compiles here, not inside a timing
             ms = {name: bench(fn) for name, fn in calls.items()}
             launches, kernel_ms, kernels = kernel_table(calls["index"], device, args.top)
@@ -160,13 +175,14 @@ def main(argv=None) -> list[dict]:
             row = dict(seq_len=n, mode=name, mix=args.mix, heads=args.heads, kv_heads=args.kv_heads,
                        head_dim=args.head_dim, device=str(device), torch=torch.__version__, index_compile=compiled,
                        stage_ms={s: ms.get(s) for s in STAGES}, index_ms=ms["index"], kernel_ms=kernel_ms,
-                       launches=launches, kernels=kernels)
+                       launches=launches, kernels=kernels, attn_ms=ms["attn"], op_ms=ms["op"])
             rows.append(row)
             cells = " ".join(f"{ms[s]:9.3f}" if s in ms else f"{'-':>9}" for s in STAGES)
-            print(f"{n:>9} {name:>7} {cells} {ms['index']:9.3f} {kernel_ms:9.3f} {launches:8d}", flush=True)
+            print(f"{n:>9} {name:>7} {cells} {ms['index']:9.3f} {kernel_ms:9.3f} {launches:8d} {ms['attn']:9.3f} "
+                  f"{ms['op']:9.3f} {ms['op'] - ms['attn']:9.3f}", flush=True)
             for r in kernels[:5]:
                 print(f"{'':>16} {r['us']:9.1f} us x{r['calls']:<3} {r['kernel']}")
-        del q, k
+        del q, k, v
     ops.compile_index(None)
     if args.out:
         os.makedirs(args.out, exist_ok=True)

@@ -29,12 +29,29 @@ def test_stages_rebuild_the_ops_index():
     assert v_idx.shape[:2] == s_off.shape[:2] == share.shape == (1, 2)
 
 
+def test_op_and_kernel_stages_are_the_ops_own():
+    """``attn`` runs the kernel on the stage's index and ``op`` the whole op as the backend calls it: the
+    same output where the index is kept, dense SDPA where it keeps more than max_density of the pairs."""
+    from mif_compile import BackendConfig, ops
+
+    q, k, v = structured_qkv("mixed", heads=2, kv_heads=1, seq_len=2048, head_dim=32, dtype=torch.float32)
+    for caps in ((64, 256), (16, 64)):
+        calls = profile_index.stage_calls(q, k, HeadPattern.vertical_slash(*caps, mass=1.0), scale=32 ** -0.5,
+                                          last_q=64, block_m=128, impl="reference", v=v)
+        density = float(ops.kept_density(calls["index"](), 2048, 128))
+        ran_sparse = density <= BackendConfig().max_density
+        want = calls["attn"]() if ran_sparse else ops.dense_attention(q, k, v, None, 32 ** -0.5)
+        torch.testing.assert_close(calls["op"](), want, rtol=0, atol=0)
+        if caps == (16, 64):
+            assert ran_sparse, density  # small caps: the op keeps the index
+
+
 def test_quick_run_writes_rows(tmp_path):
     rows = profile_index.main(["--quick", "--modes", "fixed,1.0", "--out", str(tmp_path), "--tag", "_t"])
     assert [r["mode"] for r in rows] == ["fixed", "1.0"]
     fixed, adaptive = rows
     assert fixed["stage_ms"]["select"] is None and adaptive["stage_ms"]["select"] > 0
     for r in rows:
-        assert r["index_ms"] > 0 and r["launches"] > 0 and r["kernels"]
+        assert r["index_ms"] > 0 and r["launches"] > 0 and r["kernels"] and r["attn_ms"] > 0 and r["op_ms"] > 0
         assert [x["us"] for x in r["kernels"]] == sorted((x["us"] for x in r["kernels"]), reverse=True)
     assert json.loads((tmp_path / "profile_index_t.json").read_text()) == rows
