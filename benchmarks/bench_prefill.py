@@ -12,6 +12,7 @@ against the faster of the dense rows that ran. Ours:
     max_density guard falls back to dense where that is faster);
   - ``ashape``: A-shape (128, 3968) on every head (static, input independent).
 Compile time is reported separately, not inside TTFT. Writes JSON rows and a PNG plot.
+``--block-m 128 64`` runs each ``--mass`` row at both query blocks (``vs-massM@bm64``).
 ``--structured [MIX]`` edits the random weights with benchmarks/structured_model.py so every layer's
 attention has structure (default mix "mixed", lengths 128K/256K/512K, prompt ids from
 ``structured_ids``); ``--mass M ...`` adds a ``vs-massM`` row per value (the backend's ``mass`` setting).
@@ -78,6 +79,8 @@ def main() -> None:
     p.add_argument("--compiled-dense", action="store_true", help="also time torch.compile(model) dense")
     p.add_argument("--structured", nargs="?", const="mixed", default=None, help="structured attention mix")
     p.add_argument("--mass", type=float, nargs="*", default=[], help="mass targets of the adaptive index")
+    p.add_argument("--block-m", type=int, nargs="+", default=[128], choices=[64, 128],
+                   help="query blocks of the index and kernel for the --mass rows (64: rows named vs-massM@bm64)")
     args = p.parse_args()
     if args.lengths is None:
         args.lengths = [131072, 262144, 524288] if args.structured else [32768, 65536, 131072]
@@ -106,9 +109,11 @@ def main() -> None:
         compiled[name] = torch.compile(model, backend=mif_compile.backend(default_pattern=plans[name], **fixed),
                                        dynamic=True)
         if name == "vs":
-            for m in args.mass:  # the adaptive index (1.0: the backend's default)
-                compiled[f"vs-mass{m:g}"] = torch.compile(
-                    model, backend=mif_compile.backend(default_pattern=plans[name], mass=m), dynamic=True)
+            for m in args.mass:  # the adaptive index (1.0 at block_m 128: the backend's default)
+                for bm in args.block_m:
+                    compiled[f"vs-mass{m:g}" + ("" if bm == 128 else f"@bm{bm}")] = torch.compile(
+                        model, backend=mif_compile.backend(default_pattern=plans[name], mass=m, block_m=bm),
+                        dynamic=True)
 
     # warm-up and compile (compile time reported separately) at the op's min_seq_len, so that the sparse
     # path runs here and its Triton kernels compile here, not inside the first timed call

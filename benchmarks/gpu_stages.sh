@@ -25,6 +25,7 @@ export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 stage=${1:-op}
 MASSES=${MASSES:-0.98 0.99 1.0}
 MODEL_MASSES=${MODEL_MASSES:-1.0}  # one mass: two did not fit a call in session 6 (session 7: 0.99)
+MODEL_BLOCK_M=${MODEL_BLOCK_M:-128}  # "128 64": each mass row at both query blocks (one more row: may not fit)
 EVAL_ARGS=${EVAL_ARGS:-}  # e.g. "--adaptive 0.99" (session 7: ours was fixed, ours_adaptive 1.0)
 TAG=${TAG:-_s9}
 out=${OUT:-/tmp/out}; d="$out/$stage"; mkdir -p "$d"
@@ -49,11 +50,11 @@ case $stage in
       --mass $MASSES --out "$d" --tag "_random$TAG" 2>&1 | grep -v -i warn | tee "$d/random.log" | tail -12 ;;
   model)
     timeout $(( $(left) - 5 )) python3 benchmarks/bench_prefill.py --structured mixed --layers 32 \
-      --lengths 131072 262144 --plans vs --mass $MODEL_MASSES --out "$d" --tag "$TAG" 2>&1 | grep -v -i warn \
+      --lengths 131072 262144 --plans vs --mass $MODEL_MASSES --block-m $MODEL_BLOCK_M --out "$d" --tag "$TAG" 2>&1 | grep -v -i warn \
       | tee "$d/model.log" | tail -40 ;;
   model512)
     timeout $(( $(left) - 5 )) python3 benchmarks/bench_prefill.py --structured mixed --layers 32 \
-      --lengths 524288 --plans vs --mass $MODEL_MASSES --out "$d" --tag "_512k$TAG" 2>&1 | grep -v -i warn \
+      --lengths 524288 --plans vs --mass $MODEL_MASSES --block-m $MODEL_BLOCK_M --out "$d" --tag "_512k$TAG" 2>&1 | grep -v -i warn \
       | grep -v "^  run     layer" | tee "$d/model512.log" | tail -12 ;;
   kv)
     # --no-inductor: Dynamo + our op only (session 7's Inductor warm-up compile took 157 s of the step);
