@@ -101,7 +101,7 @@ def vertical_slash_scores(q, k, *, last_q: int, scale: float, key_padding=None, 
 
 
 def vertical_slash_topk(col, diag, v_count, s_count, *, n_force_v: int = 30, n_force_s: int = 100,
-                        v_max: int | None = None, s_max: int | None = None):
+                        v_max: int | None = None, s_max: int | None = None, sink_start=None):
     """int32 (v_idx [B, H, Vmax], s_off [B, H, Smax]); -1 = unused. Pure torch.
 
     top-k needs k = max budget as a Python int: give ``v_max``/``s_max`` with CUDA budget tensors
@@ -116,11 +116,12 @@ def vertical_slash_topk(col, diag, v_count, s_count, *, n_force_v: int = 30, n_f
             if not cnt.is_cuda:  # value checks never synchronise a device
                 _check(bool((cnt >= 0).all()), f"{name} must be >= 0, got {cnt.tolist()}")
     return _ref.vertical_slash_topk(col, diag, v_count, s_count, n_force_v=n_force_v, n_force_s=n_force_s,
-                                    v_max=v_max, s_max=s_max)
+                                    v_max=v_max, s_max=s_max, sink_start=sink_start)
 
 
 def vertical_slash_select(col, diag, v_count, s_count, mass, *, last_q: int, n_force_v: int = 30,
-                          n_force_s: int = 100, v_max: int | None = None, s_max: int | None = None):
+                          n_force_s: int = 100, v_max: int | None = None, s_max: int | None = None,
+                          sink_start=None):
     """(v_idx [B, H, Vc], s_off [B, H, Gc * 64], reached [B, H]): the adaptive, mass-targeted choice of
     columns and 64-diagonal slash groups (see kernels/select.py); -1 = unused; ``reached``: the target
     was met within the caps. Pure torch.
@@ -148,7 +149,7 @@ def vertical_slash_select(col, diag, v_count, s_count, mass, *, last_q: int, n_f
     v_max = _ref.budget_max(v_count, v_max, "v_max")
     s_max = _ref.budget_max(s_count, s_max, "s_max")
     return fn(col, diag, v_count, s_count, mass_t, last_q=last_q, n_force_v=n_force_v, n_force_s=n_force_s,
-              v_max=v_max, s_max=s_max)
+              v_max=v_max, s_max=s_max, sink_start=sink_start)
 
 
 def block_sparse_topk(q, k, top_k, *, key_padding=None, k_max: int | None = None, impl: str = "auto"):
@@ -163,8 +164,12 @@ def block_sparse_topk(q, k, top_k, *, key_padding=None, k_max: int | None = None
 
 
 def build_vs_index(v_idx, s_off, n_sink, *, seq_len: int, block_m: int, block_n: int = BLOCK_N,
-                   cap_s: int, cap_v: int, impl: str = "auto") -> SparseIndex:
-    """Unified index for vertical_slash (n_sink 0), a_shape and dense (n_sink N) heads."""
+                   cap_s: int, cap_v: int, impl: str = "auto", sink_start=None) -> SparseIndex:
+    """Unified index for vertical_slash (n_sink 0), a_shape and dense (n_sink N) heads.
+
+    ``sink_start``: int [B] (or None: 0), each row's first real key; a left-padded row's sink is its
+    first ``n_sink`` real keys, ``[sink_start, sink_start + n_sink)``, and the windows of a head with a
+    sink start there too (the keys before it are pads, which attend to nothing)."""
     H = s_off.shape[1]
     n_sink = _per_head(n_sink, H, "n_sink", s_off.device)
     if _validating():
@@ -173,13 +178,16 @@ def build_vs_index(v_idx, s_off, n_sink, *, seq_len: int, block_m: int, block_n:
                f"v_idx {tuple(v_idx.shape)} and s_off {tuple(s_off.shape)} must be [B, H, *]")
         _check(cap_s >= 1 and cap_v >= 1, f"cap_s and cap_v must be >= 1, got {cap_s}, {cap_v}")
         _check(seq_len >= 1, f"seq_len must be >= 1, got {seq_len}")
+        if sink_start is not None:
+            _check(sink_start.dim() == 1 and sink_start.shape[0] in (1, s_off.shape[0]),
+                   f"sink_start must be [B] = [{s_off.shape[0]}], got {tuple(sink_start.shape)}")
     if _resolve(impl, s_off) == "triton":
         from .index import build_vs_index as fn
 
         return SparseIndex(*fn(v_idx, s_off, n_sink, seq_len=seq_len, block_m=block_m, block_n=block_n,
-                               cap_s=cap_s, cap_v=cap_v))
+                               cap_s=cap_s, cap_v=cap_v, sink_start=sink_start))
     return _ref.build_vs_index(v_idx, s_off, n_sink, seq_len=seq_len, block_m=block_m, block_n=block_n,
-                               cap_s=cap_s, cap_v=cap_v)
+                               cap_s=cap_s, cap_v=cap_v, sink_start=sink_start)
 
 
 def build_bs_index(blk, *, seq_len: int, block_m: int, block_n: int = BLOCK_N, cap_s: int,

@@ -7,8 +7,10 @@ them into runs once per head and records each run's first index and smallest off
 program per (query block, batch * head):
   - binary-searches the first offset whose window is not empty (o < m0 + BLOCK_M); the run that
     holds it starts at that offset, later runs are unchanged;
-  - streams the runs in ascending key order, merging with the sink [0, n_sink) (and with each
-    other, which only the sink can cause), and writes each merged run as BLOCK_N-wide blocks;
+  - streams the runs in ascending key order, merging with the sink [s0, s0 + n_sink) (and with each
+    other, which only the sink can cause), and writes each merged run as BLOCK_N-wide blocks; s0 is
+    the row's first real key (0 without padding): a left-padded row's sink is its first real tokens,
+    and a head with a sink clips its windows at s0 (the keys before it are pads);
   - keeps the sorted, distinct verticals c < m0 that no written block covers (a vectorised
     binary search over the blocks it just wrote), compacted with a prefix sum.
 Worst case: a head whose slashes are all >= BLOCK_M + BLOCK_N apart has S runs, walked one by one.
@@ -27,7 +29,7 @@ _INT32_MAX = 2**31 - 1
 
 @triton.jit
 def _vs_index_kernel(
-    ODESC, RUNID, RFIRST, RLO, NS, NR, VS, NV, NSINK,
+    ODESC, RUNID, RFIRST, RLO, NS, NR, VS, NV, NSINK, SINK0,
     BC, BO, CC, CI,
     N, H, NM, S, V, cap_s, cap_v, log_s, log_cap,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EMIT: tl.constexpr, VT: tl.constexpr,
@@ -44,6 +46,10 @@ def _vs_index_kernel(
     ns = tl.load(NS + bh)
     nr = tl.load(NR + bh)
     nsink = tl.load(NSINK + h)
+    # the sink starts at the row's first real key (left padding); so do the windows of a head with a sink:
+    # the keys before it are pads
+    s0 = tl.load(SINK0 + bh // H)
+    floor = tl.where(nsink > 0, s0, 0)
 
     # first slash whose window is not empty: offsets are descending, find the first o < m0 + BLOCK_M
     lo = 0
@@ -61,14 +67,14 @@ def _vs_index_kernel(
 
     j = tl.arange(0, EMIT)
     cnt = 0
-    cur_s = 0
-    cur_e = nsink
+    cur_s = s0
+    cur_e = s0 + nsink
     have = nsink > 0
     for r in range(r0, nr):
         first = tl.maximum(tl.load(RFIRST + bh.to(tl.int64) * S + r), p)
         o_hi = tl.load(o_ptr + first)
         o_lo = tl.load(RLO + bh.to(tl.int64) * S + r)
-        s_r = tl.maximum(m0 - o_hi, 0)
+        s_r = tl.maximum(m0 - o_hi, floor)  # a window that lies in the pads is empty: it merges with the sink
         e_r = m0 + BLOCK_M - o_lo
         merge = have & (s_r < cur_e + BLOCK_N)
         # emit the current run unless this one joins it
@@ -127,7 +133,7 @@ def _log2_ceil(x: int) -> int:
     return max(1, math.ceil(math.log2(x + 1)))
 
 
-def build_vs_index(v_idx, s_off, n_sink, *, seq_len, block_m, block_n=64, cap_s, cap_v):
+def build_vs_index(v_idx, s_off, n_sink, *, seq_len, block_m, block_n=64, cap_s, cap_v, sink_start=None):
     """Launcher; inputs are validated by mif_compile.kernels.api. Returns the SparseIndex fields."""
     B, H, S = s_off.shape
     V = v_idx.shape[-1]
@@ -154,13 +160,15 @@ def build_vs_index(v_idx, s_off, n_sink, *, seq_len, block_m, block_n=64, cap_s,
     vs = torch.where(v_idx >= 0, v_idx.to(torch.int32), _INT32_MAX).sort(dim=-1).values.contiguous()
     nv = (v_idx >= 0).sum(-1, dtype=torch.int32)
     nsink = torch.as_tensor(n_sink, device=dev).to(torch.int32).expand(H).contiguous()
+    sink0 = (torch.zeros(B, dtype=torch.int32, device=dev) if sink_start is None
+             else sink_start.to(device=dev, dtype=torch.int32).expand(B).contiguous())
 
     bc = torch.empty(B, H, NM, dtype=torch.int32, device=dev)
     cc = torch.empty_like(bc)
     bo = torch.empty(B, H, NM, cap_s, dtype=torch.int32, device=dev)
     ci = torch.empty(B, H, NM, cap_v, dtype=torch.int32, device=dev)
     _vs_index_kernel[(NM, B * H)](
-        o, run_id, rfirst[..., :S].contiguous(), rlo[..., :S].contiguous(), ns, nr, vs, nv, nsink,
+        o, run_id, rfirst[..., :S].contiguous(), rlo[..., :S].contiguous(), ns, nr, vs, nv, nsink, sink0,
         bc, bo, cc, ci,
         # caps and their log2 are run-time values, so a new prompt length does not compile the kernel again
         seq_len, H, NM, S, max(V, 1), cap_s, cap_v, _log2_ceil(S), _log2_ceil(cap_s),

@@ -93,12 +93,13 @@ def vertical_slash_scores(q, k, *, last_q: int, scale: float, key_padding=None):
 
 
 def vertical_slash_topk(col, diag, v_count, s_count, *, n_force_v: int = 30, n_force_s: int = 100,
-                        v_max: int | None = None, s_max: int | None = None):
+                        v_max: int | None = None, s_max: int | None = None, sink_start=None):
     """Per-head top-v columns and top-s diagonal offsets; int32 [B, H, Vmax] / [B, H, Smax], -1 unused.
 
     Pure torch, shared by both implementations. Forced entries get +inf before one topk with
     k = max budget; entries of head h at positions >= its count become -1. No host sync except
     the Python ints k (taken from the budgets, which live wherever the caller keeps them).
+    The forced columns are the first ``n_force_v`` real keys, from ``sink_start`` [B] (left padding).
     """
     N = col.shape[-1]
     vmax = min(N, budget_max(v_count, v_max, "v_max"))
@@ -106,14 +107,25 @@ def vertical_slash_topk(col, diag, v_count, s_count, *, n_force_v: int = 30, n_f
     v_count = torch.as_tensor(v_count).to(col.device, torch.int64, non_blocking=True)
     s_count = torch.as_tensor(s_count).to(col.device, torch.int64, non_blocking=True)
     return (
-        _topk_forced(col, v_count, vmax, n_force_v),
+        _topk_forced(col, v_count, vmax, n_force_v, sink_start),
         _topk_forced(diag, s_count, smax, n_force_s),
     )
 
 
-def _topk_forced(score, count, kmax: int, n_force: int):
-    score = score.clone()
-    score[..., :n_force] = float("inf")
+def force_first(score, n_force: int, start=None):
+    """``score`` with +inf at the first ``n_force`` positions of each row, from ``start`` [B] where
+    given (a left-padded row's first real key)."""
+    if start is None:
+        score = score.clone()
+        score[..., :n_force] = float("inf")
+        return score
+    j = torch.arange(score.shape[-1], device=score.device)
+    s0 = start.to(score.device, torch.int64).view(-1, 1, 1)
+    return torch.where((j >= s0) & (j < s0 + n_force), float("inf"), score)
+
+
+def _topk_forced(score, count, kmax: int, n_force: int, start=None):
+    score = force_first(score, n_force, start)
     idx = torch.topk(score, kmax, dim=-1, sorted=True).indices.to(torch.int32)  # [B, H, kmax]
     slot = torch.arange(kmax, device=score.device)
     keep = slot[None, None, :] < count[None, :, None]
@@ -147,17 +159,23 @@ def block_sparse_topk(q, k, top_k, *, key_padding=None, k_max: int | None = None
     kp, kreal = _pool(_expand_kv(k, H), key_padding, NB)
     out = torch.empty(B, H, NB, kmax, dtype=torch.int32, device=q.device)
     kb = torch.arange(NB, device=q.device)
+    # the sink block is the one that holds the row's first real key (block 0 without left padding)
+    sink_blk = (torch.zeros(B, 1, 1, 1, dtype=torch.int64, device=q.device) if key_padding is None
+                else (key_padding.to(torch.int8).argmax(-1) // BLOCK_N).view(B, 1, 1, 1))
     chunk = chunk or max(1, _STEP_ELEMS // (B * H * NB))
     for c0 in range(0, NB, chunk):  # bounded memory: [B, H, chunk, NB]
         qb = torch.arange(c0, min(c0 + chunk, NB), device=q.device)
         s = qp[:, :, qb] @ kp.transpose(-1, -2)
         s = s.masked_fill(~kreal[:, None, None, :], float("-inf"))
         s = s.masked_fill(kb[None, :] > qb[:, None], float("-inf"))
-        forced = (kb[None, :] == 0) | (kb[None, :] == qb[:, None])
+        forced = ((kb == sink_blk) & (kb[None, :] <= qb[:, None])) | (kb[None, :] == qb[:, None])  # [B, 1, c, NB]
         s = s.masked_fill(forced, float("inf"))
-        idx = torch.topk(s, kmax, dim=-1).indices.to(torch.int32)
+        val, idx = torch.topk(s, kmax, dim=-1)
+        idx = idx.to(torch.int32)
         n_ok = torch.minimum(top_k[None, :, None], qb[None, None, :] + 1)  # [1, H, c]
-        ok = torch.arange(kmax, device=q.device)[None, None, None, :] < n_ok[..., None]
+        # a pick at -inf is a block of pads or a future block (a row with fewer real causal blocks than
+        # its budget, e.g. under left padding): never kept, so the index stays causal
+        ok = (torch.arange(kmax, device=q.device)[None, None, None, :] < n_ok[..., None]) & (val > float("-inf"))
         out[:, :, qb] = torch.where(ok, idx, torch.full_like(idx, -1))
     return out
 
@@ -226,22 +244,30 @@ def _columns(v_idx, m0, r_start, covered_end, *, cap_v):
     return count.to(torch.int32), out.to(torch.int32)
 
 
-def build_vs_index(v_idx, s_off, n_sink, *, seq_len: int, block_m: int, block_n: int = BLOCK_N, cap_s: int, cap_v: int):
-    """Unified index for vertical_slash / a_shape / dense heads (see the contract, section 3)."""
+def build_vs_index(v_idx, s_off, n_sink, *, seq_len: int, block_m: int, block_n: int = BLOCK_N, cap_s: int, cap_v: int,
+                   sink_start=None):
+    """Unified index for vertical_slash / a_shape / dense heads (see the contract, section 3).
+
+    ``sink_start`` [B] (optional): each row's first real key (left padding); the sink of a row is
+    ``[sink_start, sink_start + n_sink)``, and a head with a sink clips its windows there (the keys
+    before it are pads)."""
     B, H, S = s_off.shape
     dev = s_off.device
     NM = math.ceil(seq_len / block_m)
     m0 = torch.arange(NM, device=dev, dtype=torch.int64) * block_m  # [NM]
     o = s_off.long()[:, :, None, :]  # [B, H, 1, S]
-    s_start = (m0[:, None] - o).clamp(min=0)
+    sink = torch.as_tensor(n_sink, device=dev, dtype=torch.int64).expand(H)[None, :, None, None]
+    s0 = (torch.zeros(B, dtype=torch.int64, device=dev) if sink_start is None
+          else sink_start.to(device=dev, dtype=torch.int64).expand(B))[:, None, None, None]  # [B, 1, 1, 1]
+    floor = torch.where(sink > 0, s0, 0)  # [B, H, 1, 1]
+    s_start = torch.maximum(m0[:, None] - o, floor)
     s_end = m0[:, None] + block_m - o
     s_valid = (o >= 0) & (s_end > s_start)
-    sink = torch.as_tensor(n_sink, device=dev, dtype=torch.int64).expand(H)[None, :, None, None]
-    k_start = torch.zeros(B, H, NM, 1, dtype=torch.int64, device=dev)
-    k_end = sink.expand(B, H, NM, 1)
+    k_start = s0.expand(B, H, NM, 1)
+    k_end = (s0 + sink).expand(B, H, NM, 1)
     start = torch.cat([k_start, s_start.expand(B, H, NM, S)], -1)
     end = torch.cat([k_end, s_end.expand(B, H, NM, S)], -1)
-    valid = torch.cat([k_end > 0, s_valid.expand(B, H, NM, S)], -1)
+    valid = torch.cat([sink.expand(B, H, NM, 1) > 0, s_valid.expand(B, H, NM, S)], -1)
     count, offs, r_start, covered_end = _emit_runs(
         start, end, valid, m0, seq_len=seq_len, block_m=block_m, block_n=block_n, cap_s=cap_s
     )

@@ -41,6 +41,8 @@ import math
 
 import torch
 
+from .reference import force_first
+
 GROUP = 64  # diagonals per slash group (the key tile width)
 R_ROWS = 8  # row positions at which the kept mass is held to the target
 # A head whose candidates within the caps hold less than this share of its estimated mass (and less
@@ -55,7 +57,7 @@ def slash_group_count(s_count: int, n_force_s: int = 100) -> int:
 
 
 def vertical_slash_select(col, diag, v_count, s_count, mass, *, last_q: int, n_force_v: int = 30,
-                          n_force_s: int = 100, v_max: int, s_max: int):
+                          n_force_s: int = 100, v_max: int, s_max: int, sink_start=None):
     """int32 (v_idx [B, H, Vc], s_off [B, H, Gc * 64]), -1 = unused, for heads with ``mass[h] > 0``,
     and fp32 ``share`` [B, H]: the kept candidates' share of the estimated mass, at the row position
     where it is lowest (the target is met where ``share >= mass``). A head whose target is not met keeps
@@ -65,7 +67,8 @@ def vertical_slash_select(col, diag, v_count, s_count, mass, *, last_q: int, n_f
 
     col, diag: fp32 [B, H, N] from ``vertical_slash_scores``; v_count, s_count: int64 [H] caps
     (clamped like MInference's budgets); mass: fp32 [H] targets in (0, 1] (a head with 0 keeps only
-    its forced candidates); v_max, s_max: the largest caps as Python ints (no device read).
+    its forced candidates); v_max, s_max: the largest caps as Python ints (no device read);
+    sink_start: int [B] or None, each row's first real key (the forced columns start there).
     """
     B, H, N = col.shape
     dev = col.device
@@ -88,7 +91,7 @@ def vertical_slash_select(col, diag, v_count, s_count, mass, *, last_q: int, n_f
     explained = (dcum[..., hi] - dcum[..., lo]) / ql
     cm = (col - explained).clamp(min=0.0)
     c_score = cm + col * 2.0 ** -20  # ties (no excess) broken by the column score, as MInference ranks
-    c_score[..., :n_force_v] = float("inf")
+    c_score = force_first(c_score, n_force_v, sink_start)
     kc = min(N, v_max)
     c_ratio, c_idx = torch.topk(c_score, kc, dim=-1, sorted=True)  # [B, H, kc]
     c_mass = cm.gather(-1, c_idx)

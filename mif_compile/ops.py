@@ -406,6 +406,7 @@ def build_layer_index(
     lp = _layer_plan(tuple(patterns), tuple(budget0), tuple(budget1), n, block_m, tuple(mass or ()))
     t = _plan_tensors(lp, q.device)
     b, h = q.shape[0], q.shape[1]
+    sink0 = sink_start(key_padding)
     index = None
     if lp.has_vs_like:
         if lp.has_vs:
@@ -416,7 +417,7 @@ def build_layer_index(
                 adaptive = [i for i, m in enumerate(lp.mass) if m > 0]
                 caps.update(a_v_max=max(lp.v_count[i] for i in adaptive), a_s_max=max(lp.s_count[i] for i in adaptive))
             v_idx, s_off, missed, fixed = _choice_fn(col.device)(col, diag, t["v_count"], t["s_count"], t["mass"],
-                                                               t["is_adaptive"], **caps)
+                                                               t["is_adaptive"], sink0, **caps)
             if info is not None and lp.has_adaptive_vs:
                 info["adaptive"] = b * len(adaptive)
                 info["missed"], info["fixed"] = missed, fixed
@@ -429,7 +430,7 @@ def build_layer_index(
             s_off = torch.where(t["is_ashape"][None, :, None], _pad_last(rows, width)[None], _pad_last(s_off, width))
         index = K.build_vs_index(
             v_idx, s_off, t["n_sink"], seq_len=n, block_m=block_m, block_n=BLOCK_N,
-            cap_s=lp.cap_s, cap_v=lp.cap_v, impl=impl,
+            cap_s=lp.cap_s, cap_v=lp.cap_v, impl=impl, sink_start=sink0,
         )
     if lp.has_bs:
         blk = K.block_sparse_topk(q, k, t["top_k"], key_padding=key_padding, k_max=max(lp.top_k), impl=impl)
@@ -438,7 +439,15 @@ def build_layer_index(
     return index
 
 
-def vs_choice(col, diag, v_count, s_count, mass, is_adaptive, *, last_q: int, v_max: int, s_max: int,
+def sink_start(key_padding: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """int32 [B]: each row's first real key (None without padding). A left-padded row's attention sink
+    (A-shape's ``n_init`` keys) is its first real tokens, not the pads in front of them."""
+    if key_padding is None:
+        return None
+    return key_padding.to(torch.int8).argmax(-1).to(torch.int32)  # the first True (0 for a row of pads)
+
+
+def vs_choice(col, diag, v_count, s_count, mass, is_adaptive, sink0=None, *, last_q: int, v_max: int, s_max: int,
               a_v_max: int | None = None, a_s_max: int | None = None):
     """The vertical-slash heads' columns and diagonals: (v_idx, s_off, missed, fixed).
 
@@ -447,16 +456,17 @@ def vs_choice(col, diag, v_count, s_count, mass, is_adaptive, *, last_q: int, v_
     little structure). With ``a_v_max`` (the adaptive heads' largest caps) the adaptive selection
     (``kernels/select.py``) for the heads with ``is_adaptive``, where it is selected; ``missed`` and
     ``fixed`` (device scalars, else None) count the adaptive heads short of their target and those that
-    run the fixed choice. Pure torch without host reads: the op may run it through ``torch.compile``
+    run the fixed choice; ``sink0`` (:func:`sink_start`) is where each row's forced columns begin. Pure
+    torch without host reads: the op may run it through ``torch.compile``
     (:func:`compile_index`)."""
     from .kernels import reference as R
     from .kernels.select import target_outcome, vertical_slash_select
 
-    v_idx, s_off = R.vertical_slash_topk(col, diag, v_count, s_count, v_max=v_max, s_max=s_max)
+    v_idx, s_off = R.vertical_slash_topk(col, diag, v_count, s_count, v_max=v_max, s_max=s_max, sink_start=sink0)
     if a_v_max is None:
         return v_idx, s_off, None, None
     va, sa, share = vertical_slash_select(col, diag, v_count, s_count, mass, last_q=last_q, v_max=a_v_max,
-                                          s_max=a_s_max)
+                                          s_max=a_s_max, sink_start=sink0)
     reached, selected = target_outcome(share, mass)
     is_adaptive = is_adaptive[None, :]
     sel = (is_adaptive & selected)[..., None]  # [B, H, 1]

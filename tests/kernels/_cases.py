@@ -27,6 +27,7 @@ def vs_case(draw, max_n: int = 300, max_heads: int = 8):
         sink=draw(st.sampled_from(["none", "small", "dense", "mixed"])),
         padding=draw(st.booleans()),
         seed=draw(st.integers(0, 2**31 - 1)),
+        left=draw(st.sampled_from([0, 0, 1, 63, 100, max_n])),  # rows' first real key up to this (left padding)
     )
     return case
 
@@ -50,13 +51,17 @@ def make_inputs(c, dtype=torch.float32, device="cpu"):
     if c["padding"]:
         pad = torch.rand(B, N, generator=g) > 0.3
     to = lambda t: t.to(device)  # noqa: E731
+    left = c.get("left", 0)
+    start = torch.randint(0, min(left, N) + 1, (B,), generator=g, dtype=torch.int32) if left else None
     return dict(q=to(q.to(dtype)), k=to(k.to(dtype)), v=to(v.to(dtype)), v_idx=to(v_idx), s_off=to(s_off),
-                n_sink=to(sink), key_padding=None if pad is None else to(pad))
+                n_sink=to(sink), key_padding=None if pad is None else to(pad),
+                sink_start=None if start is None else to(start))
 
 
 def build(c, x, impl="reference"):
     return K.build_vs_index(x["v_idx"], x["s_off"], x["n_sink"], seq_len=c["N"], block_m=c["block_m"],
-                            cap_s=K.max_blocks_per_row(c["N"]), cap_v=c["V"], impl=impl)
+                            cap_s=K.max_blocks_per_row(c["N"]), cap_v=c["V"], impl=impl,
+                            sink_start=x.get("sink_start"))
 
 
 def dense_masked(q, k, v, mask, scale):

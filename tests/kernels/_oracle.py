@@ -7,7 +7,7 @@ import math
 import torch
 
 
-def naive_vs_rows(v_idx, s_off, n_sink, *, seq_len, block_m, block_n=64):
+def naive_vs_rows(v_idx, s_off, n_sink, *, seq_len, block_m, block_n=64, sink_start=None):
     """For each (b, h, m): (list of block starts, list of columns), by the contract's words."""
     B, H, _ = s_off.shape
     NM = math.ceil(seq_len / block_m)
@@ -17,15 +17,17 @@ def naive_vs_rows(v_idx, s_off, n_sink, *, seq_len, block_m, block_n=64):
             offs = [int(o) for o in s_off[b, h] if o >= 0]
             verts = sorted({int(c) for c in v_idx[b, h] if c >= 0})
             sink = int(n_sink[h])
+            s0 = 0 if sink_start is None else int(sink_start[b if sink_start.numel() > 1 else 0])
+            floor = s0 if sink > 0 else 0  # a head with a sink starts at the row's first real key
             for m in range(NM):
                 m0 = m * block_m
                 wins = []
                 for o in offs:
-                    a, e = max(m0 - o, 0), m0 + block_m - o
+                    a, e = max(m0 - o, floor), m0 + block_m - o
                     if e > a:
                         wins.append((a, e))
                 if sink > 0:
-                    wins.append((0, sink))
+                    wins.append((s0, s0 + sink))
                 wins.sort()
                 runs = []
                 for a, e in wins:

@@ -26,7 +26,8 @@ EDGE = dict(B=1, H=2, Hkv=1, D=16, N=1, block_m=64, V=1, S=1, sink="none", paddi
 def test_vs_index_matches_contract_oracle(c):
     x = make_inputs(c)
     idx = build(c, x)
-    want = naive_vs_rows(x["v_idx"], x["s_off"], x["n_sink"], seq_len=c["N"], block_m=c["block_m"])
+    want = naive_vs_rows(x["v_idx"], x["s_off"], x["n_sink"], seq_len=c["N"], block_m=c["block_m"],
+                         sink_start=x["sink_start"])
     for (b, h, m), (blocks, cols) in want.items():
         assert idx.block_offset[b, h, m, : idx.block_count[b, h, m]].tolist() == blocks, (b, h, m)
         assert idx.column_index[b, h, m, : idx.column_count[b, h, m]].tolist() == cols, (b, h, m)
@@ -71,7 +72,7 @@ def test_reference_attention_vs_dense64(c, dtype):
 
 @given(vs_case(), st.sampled_from(["sink", "slashes"]))
 def test_budget_covering_every_key_is_dense(c, how):
-    c = {**c, "padding": False}
+    c = {**c, "padding": False, "left": 0}  # no pads: the sink starts at key 0
     x = make_inputs(c, torch.float64)
     N = c["N"]
     if how == "sink":
@@ -98,13 +99,16 @@ def test_scores_match_loop_oracle(c, last_q):
     torch.testing.assert_close(diag.double(), d2, rtol=1e-5, atol=1e-6)
 
 
-@given(st.integers(1, 400), st.integers(1, 3), st.integers(0, 2**31 - 1))
-def test_topk_keeps_forced_and_respects_budgets(N, H, seed):
+@given(st.integers(1, 400), st.integers(1, 3), st.integers(0, 2**31 - 1), st.sampled_from([None, 0, 7, 150, 390]))
+def test_topk_keeps_forced_and_respects_budgets(N, H, seed, left):
     g = torch.Generator().manual_seed(seed)
     col, diag = torch.rand(2, H, N, generator=g), torch.rand(2, H, N, generator=g)
     v_count = torch.randint(1, N + 1, (H,), generator=g).clamp(max=N)
     s_count = torch.randint(1, N + 1, (H,), generator=g).clamp(max=N)
-    v_idx, s_off = K.vertical_slash_topk(col, diag, v_count, s_count, n_force_v=30, n_force_s=100)
+    # left padding: the forced columns are each row's first real keys; the forced diagonals stay offsets
+    start = None if left is None else torch.tensor([min(left, N - 1), 0])
+    v_idx, s_off = K.vertical_slash_topk(col, diag, v_count, s_count, n_force_v=30, n_force_s=100,
+                                         sink_start=start)
     assert v_idx.dtype == torch.int32 and v_idx.shape == (2, H, int(v_count.max()))
     for h in range(H):
         for ids, cnt, force in ((v_idx, v_count, 30), (s_off, s_count, 100)):
@@ -113,18 +117,24 @@ def test_topk_keeps_forced_and_respects_budgets(N, H, seed):
             for b in range(2):
                 row = set(got[b].tolist())
                 assert len(row) == int(cnt[h])
-                forced = set(range(min(force, N)))
+                s0 = int(start[b]) if start is not None and ids is v_idx else 0
+                forced = set(range(s0, min(s0 + force, N)))
                 assert forced <= row if int(cnt[h]) >= len(forced) else row <= forced
 
 
-@given(st.integers(1, 300), st.sampled_from([64, 128]), st.integers(1, 6), st.booleans(), st.integers(0, 2**31 - 1))
-def test_block_sparse_topk_and_index(N, block_m, top, padding, seed):
+@given(st.integers(1, 300), st.sampled_from([64, 128]), st.integers(1, 6), st.booleans(), st.integers(0, 2**31 - 1),
+       st.sampled_from([0, 0, 50, 130]))
+def test_block_sparse_topk_and_index(N, block_m, top, padding, seed, left):
     g = torch.Generator().manual_seed(seed)
     B, H, Hkv, D = 2, 4, 2, 16
     q, k, v = (torch.randn(B, h, N, D, generator=g, dtype=torch.float64) for h in (H, Hkv, Hkv))
     pad = torch.rand(B, N, generator=g) > 0.3 if padding else None
+    first = [0] * B  # each row's first real key: its block is the forced sink block
     if pad is not None:
-        pad[:, 0] = True
+        first = [min(left, N - 1) if b == 0 else 0 for b in range(B)]  # row 0 left-padded
+        for b in range(B):
+            pad[b, :first[b]] = False
+            pad[b, first[b]] = True
     top_k = torch.tensor([top, 1, top + 1, 3])
     blk = K.block_sparse_topk(q, k, top_k, key_padding=pad, impl="reference")
     NB = math.ceil(N / 64)
@@ -133,11 +143,15 @@ def test_block_sparse_topk_and_index(N, block_m, top, padding, seed):
         for h in range(H):
             for qb in range(NB):
                 row = blk[b, h, qb]
-                n_ok = min(int(top_k[h]), qb + 1)
+                real = [j for j in range(qb + 1) if pad is None or bool(pad[b, j * 64:(j + 1) * 64].any())]
+                n_ok = min(int(top_k[h]), len(set(real) | {qb}))  # blocks of pads only are never picked
+                kept = row[row >= 0].tolist()
                 got = row[:n_ok].tolist()
-                assert (row[n_ok:] == -1).all() and len(set(got)) == n_ok
-                assert all(0 <= j <= qb for j in got)
-                assert {0, qb} <= set(got) if n_ok >= 2 else set(got) <= {0, qb}  # forced blocks
+                assert kept == got and len(set(got)) == n_ok, (kept, n_ok)
+                assert all(j in real or j == qb for j in got)  # causal, and never a block of pads
+                sb = first[b] // 64
+                forced = {sb, qb} if sb <= qb else {qb}  # the sink block (never a future one) and the diagonal
+                assert forced <= set(got) if n_ok >= len(forced) else set(got) <= forced
     idx = K.build_bs_index(blk, seq_len=N, block_m=block_m, cap_s=K.max_blocks_per_row(N), impl="reference")
     sub = block_m // 64
     for b in range(B):

@@ -21,6 +21,8 @@ few = settings(max_examples=6)
 @given(vs_case(max_n=200, max_heads=4))
 @example(EDGE)
 @example({**EDGE, "N": 130, "block_m": 128, "sink": "mixed", "padding": True, "H": 4, "Hkv": 2})
+@example({**EDGE, "N": 200, "block_m": 64, "sink": "mixed", "H": 4, "Hkv": 2, "B": 2, "S": 30, "V": 20, "left": 150,
+          "seed": 3})
 def test_index_kernel_equals_reference(c):
     x = make_inputs(c)
     assert all(torch.equal(a, b) for a, b in zip(build(c, x, "triton"), build(c, x, "reference")))
@@ -134,3 +136,22 @@ def test_compile_time_constants_do_not_depend_on_the_length(monkeypatch):
     assert sorted(seen) == ["_col_diag_kernel", "_row_stats_kernel", "_sparse_attn_kernel", "_vs_index_kernel"]
     for name, calls in seen.items():
         assert len(calls) == 2 and calls[0] == calls[1], (name, calls)
+
+
+@pytest.mark.parametrize("block_m", [64, 128])
+def test_block_sparse_budget_beyond_real_blocks_stays_causal(block_m):
+    """200 pads in front of 320 keys, a block budget larger than the real blocks: the index keeps no
+    future block, so the kernel (which masks causally only the last blocks of a row) equals dense
+    attention under the same mask."""
+    g = torch.Generator().manual_seed(0)
+    N, P, D = 520, 200, 16
+    q, k, v = (torch.randn(1, 2, N, D, generator=g) for _ in range(3))
+    pad = torch.ones(1, N, dtype=torch.bool)
+    pad[:, :P] = False
+    blk = K.block_sparse_topk(q, k, [64, 64], key_padding=pad, impl="reference")
+    idx = K.build_bs_index(blk, seq_len=N, block_m=block_m, cap_s=K.max_blocks_per_row(N), impl="reference")
+    out = K.sparse_attention(q, k, v, idx, scale=D ** -0.5, block_m=block_m, key_padding=pad, impl="triton")
+    i = torch.arange(N)
+    mask = (i[None, :] <= i[:, None]) & pad[0][None, :]
+    want = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
+    torch.testing.assert_close(out[:, :, P:].double(), want[:, :, P:], rtol=1e-4, atol=1e-4)

@@ -1,0 +1,88 @@
+"""Left padding (how ``generate()`` batches prompts of different lengths) under sparse budgets.
+
+The index is laid out in absolute positions, so a left-padded row's attention can only equal the
+same prompt alone where the pads are a whole number of query blocks (then every block boundary moves
+with them). What must hold at any pad count: the sinks are the row's first real tokens (A-shape's
+``n_init`` keys, vertical-slash's forced first columns, block-sparse's first block), not its pads, and
+no budget ever reaches a future key (block-sparse rows with fewer real blocks than their budget).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mif_compile
+from mif_compile import HeadPattern, ops
+
+N, D = 320, 16
+
+
+def padded_fn(q, k, v, pad):
+    i = torch.arange(q.shape[2])
+    mask = (i[None, None, None, :] <= i[None, None, :, None]) & pad[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def causal_fn(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def _opts(pattern, **kw):
+    return dict(min_seq_len=0, impl="reference", max_density=1.0, default_pattern=pattern, inductor=False, **kw)
+
+
+def _qkv(n, seed=0, heads=2):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, heads, n, D, generator=g) for _ in range(3)]
+
+
+def _padded(q, k, v, p, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    junk = lambda t: torch.cat([torch.randn(1, t.shape[1], p, D, generator=g), t], 2)  # noqa: E731
+    pad = torch.ones(1, p + q.shape[2], dtype=torch.bool)
+    pad[:, :p] = False
+    return junk(q), junk(k), junk(v), pad
+
+
+@pytest.mark.parametrize("pattern", [HeadPattern.a_shape(64, 128), HeadPattern.vertical_slash(8, 40, mass="fixed"),
+                                     HeadPattern.vertical_slash(8, 40, mass=0.9)],
+                         ids=["a_shape", "vs_fixed", "vs_adaptive"])
+def test_pads_of_whole_query_blocks_change_nothing(pattern):
+    """128 pads (two 64-query blocks, one of 128): the padded row's output is the prompt's alone, and
+    the budget really drops keys (the sparse output is not dense)."""
+    q, k, v = _qkv(N)
+    alone = torch.compile(causal_fn, backend="minference", options=_opts(pattern, block_m=64))(q, k, v)
+    torch._dynamo.reset()
+    qp, kp, vp, pad = _padded(q, k, v, 128)
+    out = torch.compile(padded_fn, backend="minference", options=_opts(pattern, block_m=64))(qp, kp, vp, pad)
+    assert mif_compile.last_report().rewritten
+    assert (alone - causal_fn(q, k, v)).abs().max() > 1e-2
+    torch.testing.assert_close(out[:, :, 128:], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_a_shape_sink_is_the_first_real_tokens():
+    """At any pad count, an A-shape head's sink blocks start at the row's first real key."""
+    q, k, _ = _qkv(N + 50)
+    pad = torch.ones(2, N + 50, dtype=torch.bool)
+    pad[0, :50] = False  # row 0: 50 pads; row 1: none
+    hp = HeadPattern.a_shape(64, 64)
+    codes, b0, b1 = ops.encode_heads((hp, hp))
+    idx = ops.build_layer_index(q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), pad, D ** -0.5, codes, b0, b1,
+                                block_m=64, impl="reference")
+    for m in range(2, idx.block_count.shape[-1]):  # query blocks past the sink and the local window
+        assert idx.block_offset[0, 0, m, 0] == 50 and idx.block_offset[1, 0, m, 0] == 0, m
+
+
+def test_block_sparse_never_picks_a_future_block_under_left_padding():
+    """A budget larger than a row's real blocks (block-sparse, top_k >= blocks, 200 pads): the rows
+    attend exactly as dense SDPA under the same mask, every key within the budget and none beyond."""
+    q, k, v = _qkv(N)
+    qp, kp, vp, pad = _padded(q, k, v, 200)
+    pattern = HeadPattern.block_sparse(64)
+    for block_m in (64, 128):
+        torch._dynamo.reset()
+        f = torch.compile(padded_fn, backend="minference", options=_opts(pattern, block_m=block_m))
+        out = f(qp, kp, vp, pad)
+        torch.testing.assert_close(out[:, :, 200:], padded_fn(qp, kp, vp, pad)[:, :, 200:], rtol=1e-5, atol=1e-5)
