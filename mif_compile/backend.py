@@ -259,6 +259,19 @@ def _check_flags(mode: Any, inductor: Any, prefill_cudagraphs: Any) -> None:
         raise ConfigError(f"mode={mode!r}: must be None or one of Inductor's modes {known}")
 
 
+def _config_from(opts: dict, flags: Sequence[str]) -> BackendConfig:
+    """BackendConfig.from_options, with an unknown option's message listing the backend's own settings
+    (``flags``: ``mode``, ``inductor``... taken before the rest reach BackendConfig) among the known ones."""
+    try:
+        return BackendConfig.from_options(opts)
+    except ConfigError as e:
+        known = {f.name for f in dataclasses.fields(BackendConfig)} | {"config"}
+        unknown = sorted(set(opts) - known)
+        if not str(e).startswith("unknown option(s)") or not unknown:
+            raise
+        raise ConfigError(f"unknown option(s) {unknown}; known: {sorted(known | set(flags))}") from None
+
+
 def _plan_label(value: Any) -> str:
     """How an error names the plan option: ``config='plan.json'`` or ``config=<ModelPlan, 3 layers>``."""
     import os
@@ -299,7 +312,7 @@ def minference(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, mode:
         mode = opts.pop("mode", mode)
         _check_flags(mode, inductor, prefill_cudagraphs)
         label = _plan_label(opts.get("config", opts.get("plan")))
-        cfg = BackendConfig.from_options(opts)
+        cfg = _config_from(opts, ("inductor", "mode", "prefill_cudagraphs"))
     except ConfigError as e:
         raise _error_class()(f"{e} (options of backend='minference')", "minference", frame) from None
     return _compile_checked(gm, example_inputs, cfg, label, "minference", frame, mode=mode, inductor=inductor,
@@ -320,10 +333,11 @@ def backend(config: Any = None, *, inductor: bool = True, mode: str | None = Non
     Bad settings fail here, before anything is traced, with a :class:`ConfigError`.
     """
     _check_flags(mode, inductor, prefill_cudagraphs)
+    flags = ("inductor", "mode", "prefill_cudagraphs", "model")
     if isinstance(config, BackendConfig):
-        cfg = BackendConfig.from_options({"config": config, **settings})
+        cfg = _config_from({"config": config, **settings}, flags)
     else:
-        cfg = BackendConfig.from_options({"config": config, **settings} if config is not None else settings)
+        cfg = _config_from({"config": config, **settings} if config is not None else settings, flags)
     label = _plan_label(config)
     if model is not None:
         try:
