@@ -1,6 +1,7 @@
-"""Found by the hunt: a misspelt backend-level option (``prefill_cudagraph``, ``inductr``) was refused
-with a list of known options that left out the backend's own settings (``mode``, ``inductor``,
-``prefill_cudagraphs``), so the message did not show the name the user meant."""
+"""A misspelt backend-level option (``prefill_cudagraph``, ``inductr``, ``Mode``) is refused with a list of
+known options that includes the backend's own settings (``mode``, ``inductor``, ``prefill_cudagraphs``;
+``model`` for ``mif_compile.backend()``), so the message shows the name the user meant (found by session
+9's user-pattern hunt: the list held only BackendConfig's fields)."""
 
 from __future__ import annotations
 
