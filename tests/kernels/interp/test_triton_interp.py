@@ -32,6 +32,8 @@ def test_index_kernel_equals_reference(c):
 @given(vs_case(max_n=200, max_heads=4), st.sampled_from([torch.float16, torch.float32]))
 @example(EDGE, torch.float32)
 @example({**EDGE, "N": 193, "block_m": 128, "sink": "small", "padding": True, "D": 32}, torch.float16)
+@example({**EDGE, "N": 260, "block_m": 128, "sink": "mixed", "padding": True, "H": 4, "Hkv": 2, "B": 2, "S": 20,
+          "left": 150, "seed": 5}, torch.float32)
 def test_attention_kernel_vs_float64(c, dtype):
     x = make_inputs(c, dtype)
     idx = build(c, x)
