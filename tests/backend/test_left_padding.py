@@ -86,3 +86,28 @@ def test_block_sparse_never_picks_a_future_block_under_left_padding():
         f = torch.compile(padded_fn, backend="minference", options=_opts(pattern, block_m=block_m))
         out = f(qp, kp, vp, pad)
         torch.testing.assert_close(out[:, :, 200:], padded_fn(qp, kp, vp, pad)[:, :, 200:], rtol=1e-5, atol=1e-5)
+
+
+def test_left_padded_batch_of_a_model_equals_each_prompt_alone():
+    """Through a Hugging Face model (the mask proven from `attention_mask`, positions from it): a batch
+    whose first row has 128 pads (two query blocks of 64) gives that row the logits of its prompt run
+    alone, under A-shape and vertical-slash budgets that drop keys."""
+    from .models import tiny_llama
+
+    model = tiny_llama()
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, 96, (1, 200), generator=g)
+    other = torch.randint(0, 96, (1, 328), generator=g)
+    ids = torch.cat([torch.cat([torch.zeros(1, 128, dtype=torch.long), prompt], 1), other])
+    mask = torch.ones_like(ids)
+    mask[0, :128] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    for pattern in (HeadPattern.a_shape(32, 64), HeadPattern.vertical_slash(8, 40)):
+        torch._dynamo.reset()
+        comp = torch.compile(model, backend="minference", options=_opts(pattern, block_m=64))
+        with torch.no_grad():
+            alone = comp(prompt, use_cache=False).logits
+            batch = comp(ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+            dense = model(prompt, use_cache=False).logits
+        assert (alone - dense).abs().max() > 1e-3, pattern  # the budget drops keys
+        torch.testing.assert_close(batch[:1, 128:], alone, rtol=2e-5, atol=2e-5)
