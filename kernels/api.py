@@ -85,8 +85,9 @@ def _per_head(x, H: int, name: str, device) -> torch.Tensor:
     return t.to(torch.int64)
 
 
-def vertical_slash_scores(q, k, *, last_q: int, scale: float, key_padding=None, impl: str = "auto"):
-    """fp32 (col, diag) [B, H, N]: column / diagonal sums of the last queries' softmax."""
+def vertical_slash_scores(q, k, *, last_q: int, scale: float, key_padding=None, impl: str = "auto", probe_end=None):
+    """fp32 (col, diag) [B, H, N]: column / diagonal sums of the last queries' softmax; ``probe_end``
+    (int [B], or None: N) ends each row's probe at its last real query (right padding)."""
     if _validating():
         _check_qk(q, k, key_padding=key_padding)
         _check(last_q >= 1, f"last_q must be >= 1, got {last_q}")
@@ -96,8 +97,8 @@ def vertical_slash_scores(q, k, *, last_q: int, scale: float, key_padding=None, 
             _check(min(last_q, q.shape[2]) <= 128, f"impl='triton' supports last_q <= 128, got {last_q}")
         from .estimate import vertical_slash_scores as fn
 
-        return fn(q, k, last_q=last_q, scale=scale, key_padding=key_padding)
-    return _ref.vertical_slash_scores(q, k, last_q=last_q, scale=scale, key_padding=key_padding)
+        return fn(q, k, last_q=last_q, scale=scale, key_padding=key_padding, probe_end=probe_end)
+    return _ref.vertical_slash_scores(q, k, last_q=last_q, scale=scale, key_padding=key_padding, probe_end=probe_end)
 
 
 def vertical_slash_topk(col, diag, v_count, s_count, *, n_force_v: int = 30, n_force_s: int = 100,
@@ -121,7 +122,7 @@ def vertical_slash_topk(col, diag, v_count, s_count, *, n_force_v: int = 30, n_f
 
 def vertical_slash_select(col, diag, v_count, s_count, mass, *, last_q: int, n_force_v: int = 30,
                           n_force_s: int = 100, v_max: int | None = None, s_max: int | None = None,
-                          sink_start=None):
+                          sink_start=None, probe_end=None):
     """(v_idx [B, H, Vc], s_off [B, H, Gc * 64], reached [B, H]): the adaptive, mass-targeted choice of
     columns and 64-diagonal slash groups (see kernels/select.py); -1 = unused; ``reached``: the target
     was met within the caps. Pure torch.
@@ -149,7 +150,7 @@ def vertical_slash_select(col, diag, v_count, s_count, mass, *, last_q: int, n_f
     v_max = _ref.budget_max(v_count, v_max, "v_max")
     s_max = _ref.budget_max(s_count, s_max, "s_max")
     return fn(col, diag, v_count, s_count, mass_t, last_q=last_q, n_force_v=n_force_v, n_force_s=n_force_s,
-              v_max=v_max, s_max=s_max, sink_start=sink_start)
+              v_max=v_max, s_max=s_max, sink_start=sink_start, probe_end=probe_end)
 
 
 def block_sparse_topk(q, k, top_k, *, key_padding=None, k_max: int | None = None, impl: str = "auto"):

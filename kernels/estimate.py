@@ -40,33 +40,35 @@ def _scores(q, K, kk, rows, ql_rows_ok, N, PAD, b, stride_kn, offs_d, qk_scale, 
 
 
 @triton.jit
-def _last_queries(Q, K, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, N, QL, H, D_QK,
+def _last_queries(Q, K, PEND, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, N, QL, H, D_QK,
                   GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BQ: tl.constexpr):
-    # program (batch * head) -> its batch, the tile of the last QL queries, and its K head's base
+    # program (batch * head) -> its batch, the tile of the QL queries before the row's probe end (its
+    # last real query + 1: N but for right padding), and its K head's base
     bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
+    pend = tl.load(PEND + b)
     r = tl.arange(0, BQ)
-    rows = N - QL + r
-    rok = r < QL
+    rows = pend - QL + r
+    rok = (r < QL) & (rows >= 0)
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None].to(tl.int64) * stride_qn + offs_d[None, :],
                 mask=rok[:, None] & (offs_d[None, :] < D_QK), other=0.0)
     Kb = K + b * stride_kb + (h // GROUPS) * stride_kh
-    return bh, b, r, rows, rok, offs_d, q, Kb
+    return bh, b, r, rows, rok, offs_d, q, Kb, pend
 
 
 @triton.jit
 def _row_stats_kernel(
-    Q, K, PAD, Mx, Lx,
+    Q, K, PAD, PEND, Mx, Lx,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     qk_scale, N, QL, H, keys_per_split,
     D_QK: tl.constexpr, GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
     SPLIT: tl.constexpr, HAS_PADDING: tl.constexpr,
 ):
     sp = tl.program_id(1)
-    bh, b, r, rows, rok, offs_d, q, Kb = _last_queries(
-        Q, K, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, N, QL, H, D_QK, GROUPS, HEAD_DIM, BQ)
+    bh, b, r, rows, rok, offs_d, q, Kb, pend = _last_queries(
+        Q, K, PEND, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, N, QL, H, D_QK, GROUPS, HEAD_DIM, BQ)
     m_i = tl.full([BQ], float("-inf"), tl.float32)
     l_i = tl.zeros([BQ], tl.float32)
     k_lo = sp * keys_per_split
@@ -84,15 +86,15 @@ def _row_stats_kernel(
 
 @triton.jit
 def _col_diag_kernel(
-    Q, K, PAD, Mx, Lx, Col, Diag,
+    Q, K, PAD, PEND, Mx, Lx, Col, Diag,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     qk_scale, N, QL, H,
     D_QK: tl.constexpr, GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BQ: tl.constexpr, KW: tl.constexpr,
     TILE_O: tl.constexpr, SPLIT: tl.constexpr, HAS_PADDING: tl.constexpr,
 ):
     t = tl.program_id(1)
-    bh, b, r, rows, rok, offs_d, q, Kb = _last_queries(
-        Q, K, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, N, QL, H, D_QK, GROUPS, HEAD_DIM, BQ)
+    bh, b, r, rows, rok, offs_d, q, Kb, pend = _last_queries(
+        Q, K, PEND, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, N, QL, H, D_QK, GROUPS, HEAD_DIM, BQ)
     # combine the row statistics of the splits
     sp = tl.arange(0, SPLIT)
     st = (bh * SPLIT + sp[:, None]) * BQ + r[None, :]
@@ -105,7 +107,7 @@ def _col_diag_kernel(
 
     o0 = t * TILE_O
     c = tl.arange(0, KW)
-    kk = N - o0 - KW + c
+    kk = pend - o0 - KW + c  # tiles count back from the probe end (keys past it are pads: never written)
     s = _scores(q, Kb, kk, rows, rok, N, PAD, b, stride_kn, offs_d, qk_scale, D_QK, HAS_PADDING)
     p = tl.math.exp2(s - m_use[:, None]) * inv_l[:, None]  # [BQ, KW]; masked entries are 0
     # columns: the last TILE_O keys of the tile
@@ -121,7 +123,7 @@ def _col_diag_kernel(
     tl.store(Diag + out_bh + o0 + j, dsum, mask=(o0 + j) < N)
 
 
-def vertical_slash_scores(q, k, *, last_q, scale, key_padding=None, num_warps=4):
+def vertical_slash_scores(q, k, *, last_q, scale, key_padding=None, probe_end=None, num_warps=4):
     """Launcher; inputs are validated by mif_compile.kernels.api. Returns fp32 (col, diag) [B, H, N]."""
     B, H, N, D = q.shape
     ql = min(last_q, N)
@@ -139,18 +141,21 @@ def vertical_slash_scores(q, k, *, last_q, scale, key_padding=None, num_warps=4)
     dev = q.device
     mx = torch.empty(B * H * split * BQ, dtype=torch.float32, device=dev)
     lx = torch.empty_like(mx)
-    col = torch.empty(B, H, N, dtype=torch.float32, device=dev)
+    # with a probe end before N the columns past it (pads) are never written: they start at 0
+    col = (torch.empty if probe_end is None else torch.zeros)(B, H, N, dtype=torch.float32, device=dev)
     diag = torch.empty_like(col)
+    pend = (torch.full((B,), N, dtype=torch.int32, device=dev) if probe_end is None
+            else probe_end.to(device=dev, dtype=torch.int32).expand(B).contiguous())
     pad = key_padding.to(torch.int8).contiguous() if key_padding is not None else col
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
     qk_scale = scale * _LOG2E
     _row_stats_kernel[(B * H, split)](
-        q, k, pad, mx, lx, *strides, qk_scale, N, ql, H, keys_per_split,
+        q, k, pad, pend, mx, lx, *strides, qk_scale, N, ql, H, keys_per_split,
         D_QK=D, GROUPS=groups, HEAD_DIM=max(16, triton.next_power_of_2(D)), BQ=BQ, BK=BK, SPLIT=split, HAS_PADDING=key_padding is not None,
         num_warps=num_warps,
     )
     _col_diag_kernel[(B * H, math.ceil(N / _TILE_O))](
-        q, k, pad, mx, lx, col, diag, *strides, qk_scale, N, ql, H,
+        q, k, pad, pend, mx, lx, col, diag, *strides, qk_scale, N, ql, H,
         D_QK=D, GROUPS=groups, HEAD_DIM=max(16, triton.next_power_of_2(D)), BQ=BQ, KW=KW, TILE_O=_TILE_O, SPLIT=split,
         HAS_PADDING=key_padding is not None, num_warps=num_warps,
     )

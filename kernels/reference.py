@@ -58,22 +58,26 @@ def _expand_kv(k: torch.Tensor, num_heads: int) -> torch.Tensor:
 # 1. vertical-slash estimation
 
 
-def vertical_slash_scores(q, k, *, last_q: int, scale: float, key_padding=None):
-    """col[b, h, j] and diag[b, h, o] (fp32 [B, H, N]) from the softmax of the last queries.
+def vertical_slash_scores(q, k, *, last_q: int, scale: float, key_padding=None, probe_end=None):
+    """col[b, h, j] and diag[b, h, o] (fp32 [B, H, N]) from the softmax of the last queries: the
+    ``last_q`` rows before ``probe_end[b]`` (int [B], each row's last real query + 1; None: N).
 
     Heads go a few at a time, so at most about ``_STEP_ELEMS`` probabilities are held.
     """
     B, H, N, _ = q.shape
     ql = min(last_q, N)
     cd = _compute_dtype(q)
-    rows = torch.arange(N - ql, N, device=q.device)
+    end = (torch.full((B,), N, device=q.device, dtype=torch.int64) if probe_end is None
+           else probe_end.to(q.device, torch.int64).expand(B))
+    rows = end[:, None] - ql + torch.arange(ql, device=q.device)  # [B, ql]; < 0 for a row shorter than ql
     keys = torch.arange(N, device=q.device)
-    valid = (keys[None, :] <= rows[:, None])[None, None]  # [1, 1, ql, N]
+    valid = (keys[None, None, :] <= rows[:, :, None])[:, None]  # [B, 1, ql, N]
     if key_padding is not None:
         valid = valid & key_padding[:, None, None, :].bool()
-    idx = rows[:, None] - keys[None, :]  # [ql, N]: key of offset o for row r
+    idx = rows[:, None, :, None] - keys  # [B, 1, ql, N]: key of offset o for row r
     ok = idx >= 0
     idx = idx.clamp(min=0)
+    q_rows = q.gather(2, rows.clamp(min=0)[:, None, :, None].expand(B, H, ql, q.shape[-1]))  # [B, H, ql, D]
     groups = H // k.shape[1]
     step = max(1, _STEP_ELEMS // (B * ql * N))
     col = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
@@ -82,7 +86,7 @@ def vertical_slash_scores(q, k, *, last_q: int, scale: float, key_padding=None):
         h1 = min(H, h0 + step)
         heads = torch.arange(h0, h1, device=q.device) // groups
         kx = k[:, heads].to(cd)
-        s = torch.einsum("bhrd,bhnd->bhrn", q[:, h0:h1, N - ql :].to(cd), kx) * scale  # [B, h, ql, N]
+        s = torch.einsum("bhrd,bhnd->bhrn", q_rows[:, h0:h1].to(cd), kx) * scale  # [B, h, ql, N]
         s = s.masked_fill(~valid, float("-inf"))
         p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # a row with no valid key contributes 0
         col[:, h0:h1] = p.sum(dim=2)

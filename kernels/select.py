@@ -57,7 +57,7 @@ def slash_group_count(s_count: int, n_force_s: int = 100) -> int:
 
 
 def vertical_slash_select(col, diag, v_count, s_count, mass, *, last_q: int, n_force_v: int = 30,
-                          n_force_s: int = 100, v_max: int, s_max: int, sink_start=None):
+                          n_force_s: int = 100, v_max: int, s_max: int, sink_start=None, probe_end=None):
     """int32 (v_idx [B, H, Vc], s_off [B, H, Gc * 64]), -1 = unused, for heads with ``mass[h] > 0``,
     and fp32 ``share`` [B, H]: the kept candidates' share of the estimated mass, at the row position
     where it is lowest (the target is met where ``share >= mass``). A head whose target is not met keeps
@@ -68,16 +68,22 @@ def vertical_slash_select(col, diag, v_count, s_count, mass, *, last_q: int, n_f
     col, diag: fp32 [B, H, N] from ``vertical_slash_scores``; v_count, s_count: int64 [H] caps
     (clamped like MInference's budgets); mass: fp32 [H] targets in (0, 1] (a head with 0 keeps only
     its forced candidates); v_max, s_max: the largest caps as Python ints (no device read);
-    sink_start: int [B] or None, each row's first real key (the forced columns start there).
+    sink_start: int [B] or None, each row's first real key (the forced columns start there);
+    probe_end: int [B] or None (N), each row's last real query + 1, where the estimation's probe ended
+    (right padding): the row positions below count from there.
     """
     B, H, N = col.shape
     dev = col.device
     G = math.ceil(N / GROUP)
     n_forced_groups = min(G, slash_group_count(n_force_s))
     ql = min(last_q, N)
+    # each row's end E (N but for right padding) and its probe's row count, [B, 1, 1]
+    E = (torch.full((B,), N, device=dev, dtype=torch.int64) if probe_end is None
+         else probe_end.to(dev, torch.int64).expand(B)).view(B, 1, 1)
+    ql_b = E.clamp(max=ql, min=1)
 
     # columns: the mass the diagonals do not explain, cost 1. Key j meets the probe rows at offsets
-    # N - ql - j .. N - 1 - j; if attention depended on the offset alone, its column score would be the
+    # E - ql - j .. E - 1 - j; if attention depended on the offset alone, its column score would be the
     # mean diagonal score over those offsets. Only the excess is the key's own (a vertical): a key hit
     # by a slash or the local window carries no mass of its own, so the two are not counted twice.
     # The diagonal scores are noisy along a band (each row hits other keys there), so a band's keys have
@@ -86,9 +92,9 @@ def vertical_slash_select(col, diag, v_count, s_count, mass, *, last_q: int, n_f
     env = env.expand(B, H, G, GROUP).reshape(B, H, G * GROUP)[..., :N]
     dcum = torch.nn.functional.pad(env.cumsum(-1), (1, 0))  # [B, H, N + 1]: dcum[t] = sum of env[:t]
     j = torch.arange(N, device=dev)
-    hi = N - j
-    lo = (N - ql - j).clamp(min=0)
-    explained = (dcum[..., hi] - dcum[..., lo]) / ql
+    hi = (E - j).clamp(min=0).expand(B, H, N)  # [B, H, N]
+    lo = (E - ql - j).clamp(min=0).expand(B, H, N)
+    explained = (dcum.gather(-1, hi) - dcum.gather(-1, lo)) / ql_b
     cm = (col - explained).clamp(min=0.0)
     c_score = cm + col * 2.0 ** -20  # ties (no excess) broken by the column score, as MInference ranks
     c_score = force_first(c_score, n_force_v, sink_start)
@@ -100,7 +106,7 @@ def vertical_slash_select(col, diag, v_count, s_count, mass, *, last_q: int, n_f
     # slash groups: the diagonal scores less what the candidate columns put there (a vertical at key j
     # adds its mass to the offsets at which it meets the probe rows, spread evenly), so a sink or a
     # heavy key is not counted again as the far diagonals that reach it
-    c_lo, c_hi = lo[c_idx], hi[c_idx]  # [B, H, kc]
+    c_lo, c_hi = lo.gather(-1, c_idx), hi.gather(-1, c_idx)  # [B, H, kc]
     share = torch.where(c_rank_ok, c_mass, 0.0) / (c_hi - c_lo).clamp(min=1)
     delta = torch.zeros(B, H, N + 1, device=dev, dtype=diag.dtype)
     delta.scatter_add_(-1, c_lo, -share)
@@ -133,10 +139,10 @@ def vertical_slash_select(col, diag, v_count, s_count, mass, *, last_q: int, n_f
     # The target holds for rows all along the sequence, not only for the probe rows: a candidate serves
     # only the rows that can reach it (a column at key j rows >= j, a diagonal at offset o rows >= o),
     # so a heavy key near the end, which can hold half of the probe's mass, is no credit for the rows
-    # before it. The kept and total mass are counted at R_ROWS row positions p_r = N r / R_ROWS - 1
+    # before it. The kept and total mass are counted at R_ROWS row positions p_r = E r / R_ROWS - 1
     # (the last is the probe's); candidates are kept while some position is below its target.
     R = min(R_ROWS, N)
-    pk = (torch.arange(1, R + 1, device=dev) * N) // R - 1  # [R]
+    pk = ((torch.arange(1, R + 1, device=dev) * E) // R - 1)[:, :, None, :]  # [B, 1, 1, R]
     c_mass_r = torch.where(c_rank_ok[..., None] & (c_idx[..., None] <= pk), c_mass[..., None], 0.0)  # [B, H, kc, R]
     scum = torch.nn.functional.pad(slash.cumsum(-1), (1, 0))  # [B, H, N + 1]
     g_lo = g_idx * GROUP
@@ -144,7 +150,8 @@ def vertical_slash_select(col, diag, v_count, s_count, mass, *, last_q: int, n_f
     b = torch.minimum((g_lo + GROUP).clamp(max=N)[..., None], pk + 1).flatten(-2)
     g_mass_r = (scum.gather(-1, b) - scum.gather(-1, a)).view(B, H, kg, R).clamp(min=0.0)
     g_mass_r = torch.where(g_rank_ok[..., None], g_mass_r, 0.0)
-    total = scum[..., pk + 1] + c_mass_r.sum(-2)  # [B, H, R]: all the mass these rows can reach
+    total = scum.gather(-1, (pk[:, :, 0] + 1).expand(B, H, R)) + c_mass_r.sum(-2)  # [B, H, R]: all the mass
+    # these rows can reach
     cand_mass = torch.cat([c_mass_r, g_mass_r], -2)  # [B, H, kc + kg, R]
     m_sorted = cand_mass.gather(-2, order[..., None].expand(B, H, kc + kg, R))
     before = m_sorted.cumsum(-2) - m_sorted  # kept mass before this candidate, per position

@@ -406,18 +406,18 @@ def build_layer_index(
     lp = _layer_plan(tuple(patterns), tuple(budget0), tuple(budget1), n, block_m, tuple(mass or ()))
     t = _plan_tensors(lp, q.device)
     b, h = q.shape[0], q.shape[1]
-    sink0 = sink_start(key_padding)
+    sink0, end = sink_start(key_padding), probe_end(key_padding)
     index = None
     if lp.has_vs_like:
         if lp.has_vs:
             col, diag = vs_scores if vs_scores is not None else K.vertical_slash_scores(
-                q, k, last_q=last_q, scale=scale, key_padding=key_padding, impl=impl)
+                q, k, last_q=last_q, scale=scale, key_padding=key_padding, impl=impl, probe_end=end)
             caps = dict(last_q=last_q, v_max=max(lp.v_count), s_max=max(lp.s_count))
             if lp.has_adaptive_vs:
                 adaptive = [i for i, m in enumerate(lp.mass) if m > 0]
                 caps.update(a_v_max=max(lp.v_count[i] for i in adaptive), a_s_max=max(lp.s_count[i] for i in adaptive))
             v_idx, s_off, missed, fixed = _choice_fn(col.device)(col, diag, t["v_count"], t["s_count"], t["mass"],
-                                                               t["is_adaptive"], sink0, **caps)
+                                                               t["is_adaptive"], sink0, end, **caps)
             if info is not None and lp.has_adaptive_vs:
                 info["adaptive"] = b * len(adaptive)
                 info["missed"], info["fixed"] = missed, fixed
@@ -447,7 +447,17 @@ def sink_start(key_padding: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return key_padding.to(torch.int8).argmax(-1).to(torch.int32)  # the first True (0 for a row of pads)
 
 
-def vs_choice(col, diag, v_count, s_count, mass, is_adaptive, sink0=None, *, last_q: int, v_max: int, s_max: int,
+def probe_end(key_padding: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """int32 [B]: each row's last real query + 1 (None without padding), where the estimation's probe of
+    the last queries ends: a right-padded row's last rows are pads."""
+    if key_padding is None:
+        return None
+    n = key_padding.shape[-1]
+    return (n - key_padding.to(torch.int8).flip(-1).argmax(-1)).to(torch.int32)  # n for a row of pads
+
+
+def vs_choice(col, diag, v_count, s_count, mass, is_adaptive, sink0=None, end=None, *, last_q: int, v_max: int,
+              s_max: int,
               a_v_max: int | None = None, a_s_max: int | None = None):
     """The vertical-slash heads' columns and diagonals: (v_idx, s_off, missed, fixed).
 
@@ -456,7 +466,8 @@ def vs_choice(col, diag, v_count, s_count, mass, is_adaptive, sink0=None, *, las
     little structure). With ``a_v_max`` (the adaptive heads' largest caps) the adaptive selection
     (``kernels/select.py``) for the heads with ``is_adaptive``, where it is selected; ``missed`` and
     ``fixed`` (device scalars, else None) count the adaptive heads short of their target and those that
-    run the fixed choice; ``sink0`` (:func:`sink_start`) is where each row's forced columns begin. Pure
+    run the fixed choice; ``sink0`` (:func:`sink_start`) is where each row's forced columns begin, ``end``
+    (:func:`probe_end`) where its probe ended. Pure
     torch without host reads: the op may run it through ``torch.compile``
     (:func:`compile_index`)."""
     from .kernels import reference as R
@@ -466,7 +477,7 @@ def vs_choice(col, diag, v_count, s_count, mass, is_adaptive, sink0=None, *, las
     if a_v_max is None:
         return v_idx, s_off, None, None
     va, sa, share = vertical_slash_select(col, diag, v_count, s_count, mass, last_q=last_q, v_max=a_v_max,
-                                          s_max=a_s_max, sink_start=sink0)
+                                          s_max=a_s_max, sink_start=sink0, probe_end=end)
     reached, selected = target_outcome(share, mass)
     is_adaptive = is_adaptive[None, :]
     sel = (is_adaptive & selected)[..., None]  # [B, H, 1]

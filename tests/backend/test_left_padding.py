@@ -111,3 +111,22 @@ def test_left_padded_batch_of_a_model_equals_each_prompt_alone():
             dense = model(prompt, use_cache=False).logits
         assert (alone - dense).abs().max() > 1e-3, pattern  # the budget drops keys
         torch.testing.assert_close(batch[:1, 128:], alone, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("pattern", [HeadPattern.vertical_slash(60, 100, mass="fixed"),
+                                     HeadPattern.vertical_slash(60, 100, mass=0.9),
+                                     HeadPattern.vertical_slash(60, 100)], ids=["fixed", "mass0.9", "default"])
+def test_right_padding_probes_the_last_real_queries(pattern):
+    """A right-padded row (90 pads after 600 real tokens): the vertical-slash probe is the row's last
+    real queries, not its pads, so its real rows get the prompt's own output (60 columns, 30 above the
+    forced ones: the probe chooses those)."""
+    q, k, v = _qkv(600)
+    alone = torch.compile(causal_fn, backend="minference", options=_opts(pattern))(q, k, v)
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(2)
+    tail = lambda t: torch.cat([t, torch.randn(1, t.shape[1], 90, D, generator=g)], 2)  # noqa: E731
+    pad = torch.ones(1, 690, dtype=torch.bool)
+    pad[:, 600:] = False
+    out = torch.compile(padded_fn, backend="minference", options=_opts(pattern))(tail(q), tail(k), tail(v), pad)
+    assert (alone - causal_fn(q, k, v)).abs().max() > 1e-2
+    torch.testing.assert_close(out[:, :, :600], alone, rtol=1e-5, atol=1e-5)

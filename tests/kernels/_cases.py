@@ -58,6 +58,15 @@ def make_inputs(c, dtype=torch.float32, device="cpu"):
                 sink_start=None if start is None else to(start))
 
 
+def probe_end(c, cut):
+    """int32 [B] probe ends: row 0 ends ``cut`` keys early (right padding), the others at N; None for None."""
+    if cut is None:
+        return None
+    end = torch.full((c["B"],), c["N"], dtype=torch.int32)
+    end[0] = max(1, c["N"] - cut)
+    return end
+
+
 def build(c, x, impl="reference"):
     return K.build_vs_index(x["v_idx"], x["s_off"], x["n_sink"], seq_len=c["N"], block_m=c["block_m"],
                             cap_s=K.max_blocks_per_row(c["N"]), cap_v=c["V"], impl=impl,

@@ -46,16 +46,17 @@ def naive_vs_rows(v_idx, s_off, n_sink, *, seq_len, block_m, block_n=64, sink_st
     return out
 
 
-def naive_scores(q, k, *, last_q, scale, key_padding=None):
-    """(col, diag) float64 by explicit loops over rows."""
+def naive_scores(q, k, *, last_q, scale, key_padding=None, probe_end=None):
+    """(col, diag) float64 by explicit loops over rows (the ``last_q`` before ``probe_end[b]``, else N)."""
     B, H, N, _ = q.shape
     g = H // k.shape[1]
     ql = min(last_q, N)
     col = torch.zeros(B, H, N, dtype=torch.float64)
     diag = torch.zeros(B, H, N, dtype=torch.float64)
     for b in range(B):
+        end = N if probe_end is None else int(probe_end[b])
         for h in range(H):
-            for row in range(N - ql, N):
+            for row in range(max(end - ql, 0), end):
                 s = (k[b, h // g].double() @ q[b, h, row].double()) * scale
                 ok = torch.arange(N) <= row
                 if key_padding is not None:

@@ -72,14 +72,17 @@ def test_full_budget_equals_cudnn_free_sdpa():
     assert_close_to_ref64(out, pt, ref)
 
 
-@pytest.mark.parametrize("N,last_q,padding", [(5000, 64, False), (70001, 64, True), (999, 100, False)])
-def test_estimation_kernel_vs_reference(N, last_q, padding):
+@pytest.mark.parametrize("N,last_q,padding,end", [(5000, 64, False, None), (70001, 64, True, None),
+                                                   (999, 100, False, None), (70001, 64, True, 65000)])
+def test_estimation_kernel_vs_reference(N, last_q, padding, end):
     H, Hkv, D = 8, 2, 128
     q, k, _, _, _, _, pad = _layer(N, H, Hkv, D, torch.bfloat16, seed=N, padding=padding)
+    probe = None if end is None else torch.tensor([end], device="cuda", dtype=torch.int32)  # right padding
     _poison(4 * 2 * H * N * 4)
-    col, diag = K.vertical_slash_scores(q, k, last_q=last_q, scale=D ** -0.5, key_padding=pad, impl="triton")
+    col, diag = K.vertical_slash_scores(q, k, last_q=last_q, scale=D ** -0.5, key_padding=pad, impl="triton",
+                                        probe_end=probe)
     c64, d64 = K.vertical_slash_scores(q.double(), k.double(), last_q=last_q, scale=D ** -0.5,
-                                       key_padding=pad, impl="reference")
+                                       key_padding=pad, impl="reference", probe_end=probe)
     assert torch.isfinite(col).all() and torch.isfinite(diag).all()
     torch.testing.assert_close(col, c64, rtol=2e-3, atol=1e-5)
     torch.testing.assert_close(diag, d64, rtol=2e-3, atol=1e-5)

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import mif_compile.kernels as K
 from mif_compile.testing import assert_close_to_ref64
 
-from ._cases import build, dense_masked, full_mask, low_precision_pt, make_inputs, nm, vs_case
+from ._cases import build, dense_masked, full_mask, low_precision_pt, make_inputs, probe_end, nm, vs_case
 from ._oracle import naive_scores, naive_vs_rows
 
 EDGE = dict(B=1, H=2, Hkv=1, D=16, N=1, block_m=64, V=1, S=1, sink="none", padding=False, seed=0)
@@ -88,12 +88,13 @@ def test_budget_covering_every_key_is_dense(c, how):
     torch.testing.assert_close(out, dense, rtol=1e-10, atol=1e-10)
 
 
-@given(vs_case(max_n=160), st.integers(1, 80))
-def test_scores_match_loop_oracle(c, last_q):
+@given(vs_case(max_n=160), st.integers(1, 80), st.sampled_from([None, 0, 1, 37, 150]))
+def test_scores_match_loop_oracle(c, last_q, cut):
     x = make_inputs(c, torch.float64)
+    end = probe_end(c, cut)  # right padding: row 0's probe ends `cut` keys before N
     col, diag = K.vertical_slash_scores(x["q"], x["k"], last_q=last_q, scale=0.2,
-                                        key_padding=x["key_padding"], impl="reference")
-    c2, d2 = naive_scores(x["q"], x["k"], last_q=last_q, scale=0.2, key_padding=x["key_padding"])
+                                        key_padding=x["key_padding"], impl="reference", probe_end=end)
+    c2, d2 = naive_scores(x["q"], x["k"], last_q=last_q, scale=0.2, key_padding=x["key_padding"], probe_end=end)
     assert col.dtype == torch.float32 and col.shape == (c["B"], c["H"], c["N"])
     torch.testing.assert_close(col.double(), c2, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(diag.double(), d2, rtol=1e-5, atol=1e-6)

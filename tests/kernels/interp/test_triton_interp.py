@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import mif_compile.kernels as K
 from mif_compile.testing import assert_close_to_ref64
 
-from .._cases import build, dense_masked, full_mask, low_precision_pt, make_inputs, vs_case
+from .._cases import build, dense_masked, full_mask, low_precision_pt, make_inputs, probe_end, vs_case
 
 pytest.importorskip("triton")
 EDGE = dict(B=1, H=2, Hkv=1, D=16, N=1, block_m=64, V=1, S=1, sink="none", padding=False, seed=0)
@@ -46,11 +46,12 @@ def test_attention_kernel_vs_float64(c, dtype):
 
 
 @few
-@given(vs_case(max_n=200, max_heads=4), st.sampled_from([1, 17, 64, 100]))
-@example(EDGE, 64)
-def test_estimation_kernel_vs_reference(c, last_q):
+@given(vs_case(max_n=200, max_heads=4), st.sampled_from([1, 17, 64, 100]), st.sampled_from([None, 0, 5, 90]))
+@example(EDGE, 64, None)
+@example({**EDGE, "N": 200, "B": 2, "H": 4, "Hkv": 2, "padding": True, "seed": 4}, 64, 90)
+def test_estimation_kernel_vs_reference(c, last_q, cut):
     x = make_inputs(c, torch.float32)
-    args = dict(last_q=last_q, scale=c["D"] ** -0.5, key_padding=x["key_padding"])
+    args = dict(last_q=last_q, scale=c["D"] ** -0.5, key_padding=x["key_padding"], probe_end=probe_end(c, cut))
     col, diag = K.vertical_slash_scores(x["q"], x["k"], impl="triton", **args)
     c64, d64 = K.vertical_slash_scores(x["q"].double(), x["k"].double(), impl="reference", **args)
     torch.testing.assert_close(col, c64, rtol=1e-4, atol=1e-5)
