@@ -38,6 +38,7 @@ LENGTHS=${LENGTHS:-65536,131072}
 LONG_LENGTHS=${LONG_LENGTHS-262144}  # empty: no 256K step
 QS_LENGTHS=${QS_LENGTHS-65536 131072}  # empty: no quickstart
 OP_SETTINGS=${OP_SETTINGS:-default}
+MODEL=${MODEL:-builtin}  # or a saved model folder (train/train_retrieval.py --out), e.g. a new checkpoint
 EVAL_ARGS=${EVAL_ARGS:-}  # more eval options, e.g. "--pattern vertical_slash:100,800" or "--config plan.json"
 QS_ARGS=${QS_ARGS:-}  # more quickstart options, e.g. "--mass 0.99"
 MATCH=${MATCH:-ours}  # the run whose kept density the baselines match (ours_fixed or, with --adaptive, ours_adaptive)
@@ -64,7 +65,8 @@ step install 120 python -m pip install -q -e . --no-deps --no-build-isolation 2>
   python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__,
 "cuda", torch.cuda.is_available())'
   python -c 'import triton; print("triton", triton.__version__)' 2>/dev/null
-  sha256sum mif_compile/data/retrieval-llama/model.safetensors; cat mif_compile/data/retrieval-llama/mif_eval.json
+  m=$MODEL; [ "$m" = builtin ] && m=mif_compile/data/retrieval-llama
+  echo "model $MODEL"; sha256sum "$m/model.safetensors"; cat "$m/mif_eval.json"
   echo; git log --oneline -1 2>/dev/null; } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
@@ -76,7 +78,7 @@ done
 
 eval_at() {  # eval_at DIR LENGTHS TIMEOUT
   local dir=$1 lengths=$2 limit=$3
-  step "eval $lengths" "$limit" python -m mif_compile eval --model builtin --lengths "$lengths" \
+  step "eval $lengths" "$limit" python -m mif_compile eval --model "$MODEL" --lengths "$lengths" \
     --op-settings "$OP_SETTINGS" --match-density "$MATCH" --depths "$DEPTHS" --samples "$SAMPLES" --ppl-samples "$PPL" --keys 16 \
     $EVAL_ARGS --out "$OUT/$dir" > "$OUT/$dir.log" 2> "$OUT/$dir.progress.log"
   local rc=$?

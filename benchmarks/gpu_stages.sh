@@ -2,6 +2,7 @@
 # GPU stages on one H200, one stage per 10-minute device call; everything lands in $OUT/<stage>.tgz (the
 # device returns at most 8 files a call) plus the stage's log. (Session 6 ran op, model and kv of this
 # script, then named gpu_session6.sh, with MASSES="0.95 0.98 0.99" and TAG=_s6.)
+#   bash benchmarks/gpu_stages.sh tests     # every cuda-marked test alone
 #   bash benchmarks/gpu_stages.sh op        # cuda tests of the index, bench_structured (fixed vs each of
 #                                           # $MASSES, 4 mixes, 128K-1M)
 #   bash benchmarks/gpu_stages.sh profile   # the index stage by stage (estimate, fixed, select, choice, build)
@@ -17,6 +18,9 @@
 #   bash benchmarks/gpu_stages.sh kv        # bench_snapkv at 1M alone (dense estimated, sparse + kv_budget):
 #                                           # session 7's 330 s step did not finish it (157 s compile)
 #   bash benchmarks/gpu_stages.sh kv512     # bench_snapkv at 512K (dense, sparse, sparse + kv_budget)
+#   bash benchmarks/gpu_stages.sh train     # issue 13: train the shipped retrieval model on, mostly at 128K
+#                                           # ($TRAIN_S s, seed $TRAIN_SEED; dense accuracy 16K-128K at the end),
+#                                           # weights in train/seed*/; EVAL_AFTER=1 then evaluates them
 #   bash benchmarks/gpu_stages.sh eval      # mif-compile eval on the shipped model, 64K + 128K, op defaults:
 #                                           # ours (mass 1.0), ours_fixed, baselines (+ $EVAL_ARGS)
 # Each step has its own timeout so the stage ends, and tars what it has, inside the call's limit.
@@ -27,20 +31,26 @@ MASSES=${MASSES:-0.98 0.99 1.0}
 MODEL_MASSES=${MODEL_MASSES:-1.0}  # one mass: two did not fit a call in session 6 (session 7: 0.99)
 MODEL_BLOCK_M=${MODEL_BLOCK_M:-128}  # "128 64": each mass row at both query blocks (one more row: may not fit)
 EVAL_ARGS=${EVAL_ARGS:-}  # e.g. "--adaptive 0.99" (session 7: ours was fixed, ours_adaptive 1.0)
-TAG=${TAG:-_s9}
+TAG=${TAG:-_s10}
+PROFILE_LENGTHS=${PROFILE_LENGTHS:-131072 262144 1048576}
+TRAIN_S=${TRAIN_S:-480}
+TRAIN_SEED=${TRAIN_SEED:-0}
 out=${OUT:-/tmp/out}; d="$out/$stage"; mkdir -p "$d"
 T0=$SECONDS
 left() { echo $(( ${LIMIT:-570} - (SECONDS - T0) )); }
 python3 -m pip install -q -e . --no-deps --no-build-isolation 2>&1 | tail -3
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$d/gpu.txt"
 case $stage in
+  tests)
+    timeout $(( $(left) - 5 )) python3 -m pytest -q -p no:cacheprovider -m cuda tests 2>&1 | tee "$d/tests_full.log" \
+      | tail -25 | tee "$d/tests.log" ;;
   op)
     # every cuda-marked test (the default became the adaptive index in session 8: run them all first)
     timeout 240 python3 -m pytest -q -p no:cacheprovider -m cuda tests 2>&1 | tail -15 | tee "$d/tests.log"
     timeout $(( $(left) - 5 )) python3 benchmarks/bench_structured.py --mixes mixed local slash vertical \
       --mass $MASSES --out "$d" --tag "$TAG" 2>&1 | grep -v -i warn | tee "$d/op.log" | tail -75 ;;
   profile)
-    timeout $(( $(left) - 5 )) python3 benchmarks/profile_index.py --lengths 131072 262144 1048576 --index-compile \
+    timeout $(( $(left) - 5 )) python3 benchmarks/profile_index.py --lengths $PROFILE_LENGTHS --index-compile \
       --out "$d" --tag "$TAG" 2>&1 | grep -v -i "warn\|USDT" | tee "$d/profile.log" | tail -60 ;;
   blockm)
     timeout $(( $(left) - 5 )) python3 benchmarks/bench_structured.py --mixes mixed --lengths 131072 262144 \
@@ -65,6 +75,15 @@ case $stage in
     timeout $(( $(left) - 5 )) python3 benchmarks/bench_snapkv.py --structured mixed --lengths 524288 \
       --budgets 4096 --decode-tokens 16 --out "$d" --tag "_512k$TAG" 2>&1 | grep -v -i warn \
       | tee "$d/kv_512k.log" | tail -30 ;;
+  train)
+    # warm start from the shipped weights; 1K-32K pass at once (replayed a quarter of the steps), 64K gets at most
+    # a fifth of the time, the rest trains at 128K
+    OUT="$d" BUDGET=$TRAIN_S SEEDS=$TRAIN_SEED SHARES=0.02,0.02,0.03,0.2 LENGTHS=16384,32768,65536,131072 \
+      timeout $(( $(left) - 5 )) bash train/gpu_long.sh 2>&1 | grep -v -i warn | tail -40
+    if [ -n "${EVAL_AFTER:-}" ] && [ -f "$d/seed$TRAIN_SEED/model.safetensors" ]; then
+      OUT="$d/eval" MODEL="$d/seed$TRAIN_SEED" LONG_LENGTHS= QS_LENGTHS= TOTAL_S=$(( $(left) - 10 )) \
+        bash benchmarks/gpu_eval_long.sh 2>&1 | grep -v -i warn | tail -40
+    fi ;;
   eval)
     OUT="$d" LONG_LENGTHS= QS_LENGTHS= TOTAL_S=$(( $(left) - 10 )) EVAL_ARGS="$EVAL_ARGS" \
       bash benchmarks/gpu_eval_long.sh 2>&1 | grep -v -i warn | tail -60 ;;
