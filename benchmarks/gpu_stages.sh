@@ -32,6 +32,7 @@ MODEL_MASSES=${MODEL_MASSES:-1.0}  # one mass: two did not fit a call in session
 MODEL_BLOCK_M=${MODEL_BLOCK_M:-128}  # "128 64": each mass row at both query blocks (one more row: may not fit)
 EVAL_ARGS=${EVAL_ARGS:-}  # e.g. "--adaptive 0.99" (session 7: ours was fixed, ours_adaptive 1.0)
 TAG=${TAG:-_s10}
+BLOCKM_LENGTHS=${BLOCKM_LENGTHS:-131072 262144}
 PROFILE_LENGTHS=${PROFILE_LENGTHS:-131072 262144 1048576}
 TRAIN_S=${TRAIN_S:-480}
 TRAIN_SEED=${TRAIN_SEED:-0}
@@ -53,7 +54,7 @@ case $stage in
     timeout $(( $(left) - 5 )) python3 benchmarks/profile_index.py --lengths $PROFILE_LENGTHS --index-compile \
       --out "$d" --tag "$TAG" 2>&1 | grep -v -i "warn\|USDT" | tee "$d/profile.log" | tail -60 ;;
   blockm)
-    timeout $(( $(left) - 5 )) python3 benchmarks/bench_structured.py --mixes mixed --lengths 131072 262144 \
+    timeout $(( $(left) - 5 )) python3 benchmarks/bench_structured.py --mixes mixed --lengths $BLOCKM_LENGTHS \
       --mass 1.0 0.99 --block-m 128 64 --out "$d" --tag "_blockm$TAG" 2>&1 | grep -v -i warn | tee "$d/blockm.log" | tail -12 ;;
   random)
     timeout $(( $(left) - 5 )) python3 benchmarks/bench_structured.py --mixes random --lengths 131072 524288 \

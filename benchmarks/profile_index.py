@@ -171,11 +171,13 @@ def main(argv=None) -> list[dict]:
             calls["choice"]()  # with --index-compile: compiles here, not inside a timing
             ms = {name: bench(fn) for name, fn in calls.items()}
             launches, kernel_ms, kernels = kernel_table(calls["index"], device, args.top)
-            name = mode + ("+ic" if compiled else "")
+            failed = ops.compile_index_failures().get("inductor") if compiled else None
+            name = mode + ("+ic" if compiled else "") + ("!" if failed else "")  # !: the compile failed, ran eagerly
             row = dict(seq_len=n, mode=name, mix=args.mix, heads=args.heads, kv_heads=args.kv_heads,
                        head_dim=args.head_dim, device=str(device), torch=torch.__version__, index_compile=compiled,
                        stage_ms={s: ms.get(s) for s in STAGES}, index_ms=ms["index"], kernel_ms=kernel_ms,
-                       launches=launches, kernels=kernels, attn_ms=ms["attn"], op_ms=ms["op"])
+                       launches=launches, kernels=kernels, attn_ms=ms["attn"], op_ms=ms["op"],
+                       index_compile_failed=failed)
             rows.append(row)
             cells = " ".join(f"{ms[s]:9.3f}" if s in ms else f"{'-':>9}" for s in STAGES)
             print(f"{n:>9} {name:>7} {cells} {ms['index']:9.3f} {kernel_ms:9.3f} {launches:8d} {ms['attn']:9.3f} "
@@ -184,6 +186,8 @@ def main(argv=None) -> list[dict]:
                 print(f"{'':>16} {r['us']:9.1f} us x{r['calls']:<3} {r['kernel']}")
         del q, k, v
     ops.compile_index(None)
+    for backend, err in ops.compile_index_failures().items():
+        print(f"(!: torch.compile(backend={backend!r}) of the choice failed, so those rows ran it eagerly: {err})")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, f"profile_index{args.tag}.json"), "w") as fh:

@@ -487,7 +487,7 @@ def vs_choice(col, diag, v_count, s_count, mass, is_adaptive, sink0=None, end=No
     return v_idx, s_off, (is_adaptive & ~reached).sum(), (is_adaptive & ~selected).sum()
 
 
-_INDEX_COMPILE: dict = {"backend": None, "devices": ("cuda",), "fns": {}}
+_INDEX_COMPILE: dict = {"backend": None, "devices": ("cuda",), "fns": {}, "failed": {}}
 
 
 def compile_index(backend: str | None = "inductor", *, devices: Sequence[str] = ("cuda",)) -> None:
@@ -500,20 +500,67 @@ def compile_index(backend: str | None = "inductor", *, devices: Sequence[str] = 
     once more for lengths that are a multiple of 64); a call inside a CUDA-graph capture must come after
     a warm-up call, as the op's other kernels do. Each new set of caps (``v_max``, ``s_max``: a plan's
     distinct budgets) compiles once more; past Dynamo's ``cache_size_limit`` the choice runs eagerly,
-    the same computation."""
+    the same computation. If the compile itself fails (on an H100 with torch 2.11, Inductor's tiling
+    analysis asserted on the adaptive choice), one warning names the error and the choice runs eagerly
+    for the rest of the process (``compile_index_failures()`` lists such errors by backend): the same
+    index, never a crash in the middle of a prefill. Measured there, compiling did not pay: the fixed
+    choice took 0.87 ms compiled against 0.41 ms eager (``benchmarks/results/profile_index_*_s10*``)."""
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"compile_index: backend must be a torch.compile backend name or None, got {backend!r}")
     _INDEX_COMPILE.update(backend=backend, devices=tuple(devices))
+    if backend is not None:
+        _INDEX_COMPILE["failed"].pop(backend, None)  # asked again: try the compile again
 
 
 def _choice_fn(device: torch.device):
     backend = _INDEX_COMPILE["backend"]
     if backend is None or device.type not in _INDEX_COMPILE["devices"]:
         return vs_choice
+    if backend in _INDEX_COMPILE["failed"]:
+        return vs_choice
     fns = _INDEX_COMPILE["fns"]  # one wrapper per backend: switching back and forth compiles nothing again
     if backend not in fns:
-        fns[backend] = torch.compile(vs_choice, backend=backend, dynamic=True, fullgraph=True)
+        fns[backend] = _eager_if_compile_fails(torch.compile(vs_choice, backend=backend, dynamic=True,
+                                                             fullgraph=True), backend)
     return fns[backend]
+
+
+def _compile_errors() -> tuple:
+    errs = [torch._dynamo.exc.TorchDynamoException]  # BackendCompilerFailed, Unsupported, ...
+    try:
+        from torch._inductor.exc import InductorError
+        errs.append(InductorError)
+    except ImportError:  # older torch: Inductor's errors arrive wrapped in BackendCompilerFailed
+        pass
+    return tuple(errs)
+
+
+def _eager_if_compile_fails(compiled, backend: str):
+    def choice(*args, **kwargs):
+        if backend in _INDEX_COMPILE["failed"]:
+            return vs_choice(*args, **kwargs)
+        try:
+            return compiled(*args, **kwargs)
+        except _compile_errors() as e:
+            inner = getattr(e, "inner_exception", None)  # BackendCompilerFailed wraps the backend's error
+            text = f"{type(inner).__name__}: {inner}" if inner is not None else str(e)
+            lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "TORCHDYNAMO_VERBOSE" not in ln]
+            first = " ".join(lines)[:300]
+            _INDEX_COMPILE["failed"][backend] = f"{type(e).__name__}: {first}"
+            import warnings
+
+            warnings.warn(f"mif_compile.ops.compile_index: torch.compile(backend={backend!r}) of the index choice "
+                          f"failed ({type(e).__name__}: {first}); the choice runs eagerly from now on (the same "
+                          "index)", RuntimeWarning, stacklevel=2)
+            return vs_choice(*args, **kwargs)
+
+    return choice
+
+
+def compile_index_failures() -> dict:
+    """{backend: the error} for each backend whose compile of the index choice failed in this process
+    (the choice then runs eagerly); empty when none did."""
+    return dict(_INDEX_COMPILE["failed"])
 
 
 if os.environ.get("MIF_COMPILE_INDEX", "0") not in ("", "0"):

@@ -70,3 +70,39 @@ def test_compile_index_refuses_a_non_name():
     with pytest.raises(TypeError, match="backend name or None"):
         ops.compile_index(object())
     assert ops._choice_fn(torch.device("cuda")) is ops.vs_choice  # the default: eager everywhere
+
+
+def test_a_failing_compile_warns_once_and_runs_the_choice_eagerly():
+    """A backend whose compile raises (as Inductor's tiling analysis did on an H100, torch 2.11) must not
+    crash the prefill: one warning, then the eager choice, the same index, for the rest of the process."""
+    calls = []
+
+    def broken(gm, example_inputs):
+        calls.append(1)
+        raise RuntimeError("tiling assertion (test)")
+
+    torch._dynamo.reset()
+    torch._dynamo.register_backend(compiler_fn=broken, name="mif_test_broken")
+    ops.compile_index("mif_test_broken", devices=("cpu",))
+    try:
+        q, k, v, codes, b0, b1, mass = _inputs(2500, HEADS)
+        args = (None, 16 ** -0.5, codes, b0, b1, 0, 64, 128, "reference", 1.0, mass)
+        with pytest.warns(RuntimeWarning, match="mif_test_broken.*failed.*tiling assertion.*runs eagerly"):
+            out = ops.run_layer(q, k, v, *args)
+        assert "tiling assertion" in ops.compile_index_failures()["mif_test_broken"]
+        n_calls = len(calls)
+        assert n_calls >= 1
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no second warning, no second compile
+            again = ops.run_layer(q, k, v, *args)
+        assert len(calls) == n_calls
+        ops.compile_index(None)
+        ref = ops.run_layer(q, k, v, *args)
+        assert torch.equal(out, ref) and torch.equal(again, ref)
+    finally:
+        ops.compile_index(None)
+        ops._INDEX_COMPILE["failed"].clear()
+        ops._INDEX_COMPILE["fns"].pop("mif_test_broken", None)
+        torch._dynamo.reset()
