@@ -50,48 +50,6 @@ R_ROWS = 8  # row positions at which the kept mass is held to the target
 STRUCTURE_FLOOR = 0.9
 
 
-# Where prefix sums over a row of N run in chunks (see prefix_sum): "cuda" (the default), "always", "never"
-CHUNKED_SCAN = "cuda"
-SCAN_CHUNK = 1024
-
-
-def prefix_sum(x: torch.Tensor) -> torch.Tensor:
-    """``x.cumsum(-1)``, in chunks on CUDA. The index's rows are few and long ([B, H, N], 8 rows of 128K
-    for a Llama layer), and PyTorch's CUDA scan along the last dim runs such a shape slowly: on an H100
-    three of them took 1.5 ms of the adaptive index's 2.3 ms of device time at 128K, growing with N
-    (``benchmarks/results/profile_index_h100_s10.log``). Chunks of SCAN_CHUNK make B*H*N/SCAN_CHUNK short
-    rows (one parallel scan), then each chunk adds the sum of the chunks before it (a scan over
-    N/SCAN_CHUNK values). The same sums in another order: equal to ``cumsum`` within float rounding
-    (tested against float64), and no less exact."""
-    n = x.shape[-1]
-    use = CHUNKED_SCAN == "always" or (CHUNKED_SCAN == "cuda" and x.is_cuda)
-    if not use or n <= 2 * SCAN_CHUNK:
-        return x.cumsum(-1)
-    m = -(-n // SCAN_CHUNK)
-    y = torch.nn.functional.pad(x, (0, m * SCAN_CHUNK - n)).view(*x.shape[:-1], m, SCAN_CHUNK).cumsum(-1)
-    tot = y[..., -1]
-    y = y + (tot.cumsum(-1) - tot).unsqueeze(-1)  # each chunk: plus the chunks before it
-    return y.view(*x.shape[:-1], m * SCAN_CHUNK)[..., :n]
-
-
-def _window_sum(gmax: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, width: int) -> torch.Tensor:
-    """Sum over offsets lo..hi-1 of the group envelope (each offset o worth ``gmax[o // GROUP]``), per
-    entry; hi - lo <= width. A window of at most GROUP offsets meets at most two groups, so the sum is
-    two products: no prefix sum over N, whose difference at 128K would carry the rounding of the whole
-    row's sum (on the session-10 128K input that noise reordered about half of the 1000 columns of each
-    head, those without mass of their own). Wider windows (``last_q`` > 64) take the prefix sum."""
-    G = gmax.shape[-1]
-    if width > GROUP:
-        env = gmax.repeat_interleave(GROUP, -1)
-        cum = torch.nn.functional.pad(prefix_sum(env), (1, 0))
-        return cum.gather(-1, hi) - cum.gather(-1, lo)
-    g1 = (lo // GROUP).clamp(max=G - 1)
-    g2 = ((hi - 1).clamp(min=0) // GROUP).clamp(max=G - 1)
-    n1 = (torch.minimum(hi, (g1 + 1) * GROUP) - lo).clamp(min=0)
-    n2 = torch.where(g2 > g1, hi - g2 * GROUP, 0)
-    return gmax.gather(-1, g1) * n1 + gmax.gather(-1, g2) * n2
-
-
 def slash_group_count(s_count: int, n_force_s: int = 100) -> int:
     """Groups of 64 diagonals that a slash cap of ``s_count`` diagonals allows (never fewer than the
     groups of the ``n_force_s`` forced diagonals)."""
@@ -130,11 +88,13 @@ def vertical_slash_select(col, diag, v_count, s_count, mass, *, last_q: int, n_f
     # by a slash or the local window carries no mass of its own, so the two are not counted twice.
     # The diagonal scores are noisy along a band (each row hits other keys there), so a band's keys have
     # spiky column scores: the explanation uses each group's largest diagonal score, an upper envelope.
-    gmax = torch.nn.functional.pad(diag, (0, G * GROUP - N)).view(B, H, G, GROUP).amax(-1)  # [B, H, G]
+    env = torch.nn.functional.pad(diag, (0, G * GROUP - N)).view(B, H, G, GROUP).amax(-1, keepdim=True)
+    env = env.expand(B, H, G, GROUP).reshape(B, H, G * GROUP)[..., :N]
+    dcum = torch.nn.functional.pad(env.cumsum(-1), (1, 0))  # [B, H, N + 1]: dcum[t] = sum of env[:t]
     j = torch.arange(N, device=dev)
     hi = (E - j).clamp(min=0).expand(B, H, N)  # [B, H, N]
     lo = (E - ql - j).clamp(min=0).expand(B, H, N)
-    explained = _window_sum(gmax, lo, hi, ql) / ql_b
+    explained = (dcum.gather(-1, hi) - dcum.gather(-1, lo)) / ql_b
     cm = (col - explained).clamp(min=0.0)
     c_score = cm + col * 2.0 ** -20  # ties (no excess) broken by the column score, as MInference ranks
     c_score = force_first(c_score, n_force_v, sink_start)
@@ -151,7 +111,7 @@ def vertical_slash_select(col, diag, v_count, s_count, mass, *, last_q: int, n_f
     delta = torch.zeros(B, H, N + 1, device=dev, dtype=diag.dtype)
     delta.scatter_add_(-1, c_lo, -share)
     delta.scatter_add_(-1, c_hi, share)
-    slash = (diag + prefix_sum(delta)[..., :N]).clamp(min=0.0)
+    slash = (diag + delta.cumsum(-1)[..., :N]).clamp(min=0.0)
     gm = torch.nn.functional.pad(slash, (0, G * GROUP - N)).view(B, H, G, GROUP).sum(-1)  # [B, H, G]
     ninf = torch.full_like(gm[..., :1], float("-inf"))
     left = torch.cat([ninf, gm[..., :-1]], -1)
@@ -184,7 +144,7 @@ def vertical_slash_select(col, diag, v_count, s_count, mass, *, last_q: int, n_f
     R = min(R_ROWS, N)
     pk = ((torch.arange(1, R + 1, device=dev) * E) // R - 1)[:, :, None, :]  # [B, 1, 1, R]
     c_mass_r = torch.where(c_rank_ok[..., None] & (c_idx[..., None] <= pk), c_mass[..., None], 0.0)  # [B, H, kc, R]
-    scum = torch.nn.functional.pad(prefix_sum(slash), (1, 0))  # [B, H, N + 1]
+    scum = torch.nn.functional.pad(slash.cumsum(-1), (1, 0))  # [B, H, N + 1]
     g_lo = g_idx * GROUP
     a = torch.minimum(g_lo[..., None], pk + 1).flatten(-2)
     b = torch.minimum((g_lo + GROUP).clamp(max=N)[..., None], pk + 1).flatten(-2)

@@ -102,10 +102,6 @@ def _scores(B, H, N, seed, spiky):
 @example(N=1, H=1, seed=0, v=30, s=50, m=1.0, last_q=64, spiky=False)
 @example(N=130, H=2, seed=1, v=30, s=50, m=0.5, last_q=64, spiky=True)
 def test_select_matches_the_rule(N, H, seed, v, s, m, last_q, spiky):
-    _check_rule(N, H, seed, v, s, m, last_q, spiky)
-
-
-def _check_rule(N, H, seed, v, s, m, last_q, spiky):
     col, diag = _scores(2, H, N, seed, spiky)
     vc = torch.tensor([min(N, v + 7 * h) for h in range(H)])
     sc = torch.tensor([min(N, s + 33 * h) for h in range(H)])
@@ -124,35 +120,6 @@ def _check_rule(N, H, seed, v, s, m, last_q, spiky):
     # the outputs are what the index builder takes: offsets < N, groups whole, columns distinct
     assert ((s_off == -1) | ((s_off >= 0) & (s_off < N))).all()
     assert ((v_idx == -1) | ((v_idx >= 0) & (v_idx < N))).all()
-
-
-@pytest.mark.parametrize("N", [130, 700, 2000])
-def test_chunked_prefix_sums_keep_the_rule(monkeypatch, N):
-    """The prefix sums run in chunks on CUDA (select.prefix_sum); forced here with small chunks, the
-    selection still matches the loop that states the rule."""
-    from mif_compile.kernels import select
-
-    monkeypatch.setattr(select, "CHUNKED_SCAN", "always")
-    monkeypatch.setattr(select, "SCAN_CHUNK", 32)
-    for seed, m, spiky in ((0, 0.95, True), (1, 1.0, False), (2, 0.8, True)):
-        _check_rule(N, 2, seed, 60, 300, m, 64, spiky)
-
-
-@pytest.mark.parametrize("n", [1, 31, 64, 65, 1000, 4097, 70001])
-def test_prefix_sum_in_chunks_is_a_cumsum(monkeypatch, n):
-    from mif_compile.kernels import select
-
-    monkeypatch.setattr(select, "CHUNKED_SCAN", "always")
-    monkeypatch.setattr(select, "SCAN_CHUNK", 32 if n < 5000 else 1024)
-    x = torch.rand(2, 3, n, generator=torch.Generator().manual_seed(n)) ** 4
-    want = x.double().cumsum(-1)
-    got = select.prefix_sum(x)
-    assert got.shape == x.shape and got.dtype == x.dtype
-    plain_err = (x.cumsum(-1).double() - want).abs().max()
-    err = (got.double() - want).abs().max()
-    assert err <= 2 * plain_err + 1e-6 * want.abs().max(), (float(err), float(plain_err))
-    monkeypatch.setattr(select, "CHUNKED_SCAN", "never")
-    assert torch.equal(select.prefix_sum(x), x.cumsum(-1))
 
 
 def test_more_mass_keeps_a_superset():
