@@ -20,7 +20,7 @@
 #   bash benchmarks/gpu_stages.sh kv512     # bench_snapkv at 512K (dense, sparse, sparse + kv_budget)
 #   bash benchmarks/gpu_stages.sh train     # issue 13: train the shipped retrieval model on, mostly at 128K
 #                                           # ($TRAIN_S s, seed $TRAIN_SEED; dense accuracy 16K-128K at the end),
-#                                           # weights in train/seed*/; EVAL_AFTER=1 then evaluates them
+#                                           # weights in $OUT/train/seed*/; EVAL_AFTER=1 then evaluates them
 #   bash benchmarks/gpu_stages.sh eval      # mif-compile eval on the shipped model, 64K + 128K, op defaults:
 #                                           # ours (mass 1.0), ours_fixed, baselines (+ $EVAL_ARGS)
 # Each step has its own timeout so the stage ends, and tars what it has, inside the call's limit.

@@ -536,22 +536,19 @@ def _compile_errors() -> tuple:
 
 
 def _eager_if_compile_fails(compiled, backend: str):
-    def choice(*args, **kwargs):
-        if backend in _INDEX_COMPILE["failed"]:
-            return vs_choice(*args, **kwargs)
+    def choice(*args, **kwargs):  # _choice_fn stops handing it out once its compile failed
         try:
             return compiled(*args, **kwargs)
         except _compile_errors() as e:
             inner = getattr(e, "inner_exception", None)  # BackendCompilerFailed wraps the backend's error
             text = f"{type(inner).__name__}: {inner}" if inner is not None else str(e)
             lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "TORCHDYNAMO_VERBOSE" not in ln]
-            first = " ".join(lines)[:300]
-            _INDEX_COMPILE["failed"][backend] = f"{type(e).__name__}: {first}"
+            err = _INDEX_COMPILE["failed"][backend] = f"{type(e).__name__}: {' '.join(lines)[:300]}"
             import warnings
 
             warnings.warn(f"mif_compile.ops.compile_index: torch.compile(backend={backend!r}) of the index choice "
-                          f"failed ({type(e).__name__}: {first}); the choice runs eagerly from now on (the same "
-                          "index)", RuntimeWarning, stacklevel=2)
+                          f"failed ({err}); the choice runs eagerly from now on (the same index)",
+                          RuntimeWarning, stacklevel=2)
             return vs_choice(*args, **kwargs)
 
     return choice
