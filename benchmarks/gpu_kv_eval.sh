@@ -10,7 +10,7 @@ out=${OUT:-/tmp/out}; mkdir -p "$out"
 python3 -m pip install -q -e . --no-deps --no-build-isolation 2>&1 | tail -3
 lengths=${1:-65536}; budgets=${2:-1024,4096}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
-timeout 570 python3 -m mif_compile.evaluate --model builtin --lengths "$lengths" --depths 6 --samples 2 \
-  --ppl-samples 1 --baselines '' --adaptive off --op-settings default --kv-budget "$budgets" --score decode \
+timeout ${KV_EVAL_S:-570} python3 -m mif_compile.evaluate --model builtin --lengths "$lengths" --depths 6 --samples 2 \
+  --ppl-samples 1 --baselines '' --adaptive off --fixed off --op-settings default --kv-budget "$budgets" --score decode \
   --out "$out/kv_eval_$lengths" 2>"$out/kv_eval_$lengths.err" | tee "$out/kv_eval_$lengths.log" | tail -40
 tail -c 2000 "$out/kv_eval_$lengths.err"

@@ -17,7 +17,11 @@
 #   bash benchmarks/gpu_stages.sh model512  # the same at 512K
 #   bash benchmarks/gpu_stages.sh kv        # bench_snapkv at 1M alone (dense estimated, sparse + kv_budget):
 #                                           # session 7's 330 s step did not finish it (157 s compile)
-#   bash benchmarks/gpu_stages.sh kv512     # bench_snapkv at 512K (dense, sparse, sparse + kv_budget)
+#   bash benchmarks/gpu_stages.sh kv512     # bench_snapkv at 256K + 512K (dense, sparse, sparse + kv_budget),
+#                                           # eager like kv (--no-inductor)
+#   bash benchmarks/gpu_stages.sh prof      # profile_model: a 2-layer structured model at $PROF_LENGTHS, dense eager
+#                                           # (cuDNN pinned / PyTorch's choice) vs ours, kernel by kernel, and SDPA
+#                                           # alone on contiguous vs transformers' transposed layout (~3 min)
 #   bash benchmarks/gpu_stages.sh train     # issue 13: train the shipped retrieval model on, mostly at 128K
 #                                           # ($TRAIN_S s, seed $TRAIN_SEED; dense accuracy 16K-128K at the end),
 #                                           # weights in $OUT/train/seed*/; EVAL_AFTER=1 then evaluates them
@@ -31,10 +35,11 @@ MASSES=${MASSES:-0.98 0.99 1.0}
 MODEL_MASSES=${MODEL_MASSES:-1.0}  # one mass: two did not fit a call in session 6 (session 7: 0.99)
 MODEL_BLOCK_M=${MODEL_BLOCK_M:-128}  # "128 64": each mass row at both query blocks (one more row: may not fit)
 EVAL_ARGS=${EVAL_ARGS:-}  # e.g. "--adaptive 0.99" (session 7: ours was fixed, ours_adaptive 1.0)
-TAG=${TAG:-_s10}
+TAG=${TAG:-_s11}
 BLOCKM_LENGTHS=${BLOCKM_LENGTHS:-131072 262144}
 PROFILE_LENGTHS=${PROFILE_LENGTHS:-131072 262144 1048576}
 TRAIN_S=${TRAIN_S:-480}
+PROF_LENGTHS=${PROF_LENGTHS:-131072}
 TRAIN_SEED=${TRAIN_SEED:-0}
 out=${OUT:-/tmp/out}; d="$out/$stage"; mkdir -p "$d"
 T0=$SECONDS
@@ -73,9 +78,12 @@ case $stage in
     timeout $(( $(left) - 5 )) python3 benchmarks/bench_snapkv.py --structured mixed --lengths 1048576 --budgets 4096 \
       --skip sparse --decode-tokens 16 --no-inductor --out "$d" --tag "_1m$TAG" 2>&1 | grep -v -i warn | tee "$d/kv_1m.log" | tail -30 ;;
   kv512)
-    timeout $(( $(left) - 5 )) python3 benchmarks/bench_snapkv.py --structured mixed --lengths 524288 \
-      --budgets 4096 --decode-tokens 16 --out "$d" --tag "_512k$TAG" 2>&1 | grep -v -i warn \
+    timeout $(( $(left) - 5 )) python3 benchmarks/bench_snapkv.py --structured mixed --lengths ${KV_LENGTHS:-262144 524288} \
+      --budgets 4096 --decode-tokens 16 --no-inductor --out "$d" --tag "_512k$TAG" 2>&1 | grep -v -i warn \
       | tee "$d/kv_512k.log" | tail -30 ;;
+  prof)
+    timeout $(( $(left) - 5 )) python3 benchmarks/profile_model.py --lengths $PROF_LENGTHS --layers 2 \
+      --modes default,fixed --out "$d" --tag "$TAG" 2>&1 | grep -v -i "warn\|USDT" | tee "$d/prof.log" | tail -90 ;;
   train)
     # warm start from the shipped weights; 1K-32K pass at once (replayed a quarter of the steps), 64K gets at most
     # a fifth of the time, the rest trains at 128K
