@@ -140,6 +140,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--skip", nargs="*", default=[], choices=["dense", "sparse"], help="runs to leave out")
     p.add_argument("--no-inductor", action="store_true", help="run the rewritten graphs eagerly")
+    p.add_argument("--warm-len", type=int, default=None,
+                   help="warm-up (compile) length, default the op's min_seq_len 32768 (--tiny: 256). Inductor guards "
+                        "its 32-bit indexing (a tensor of more than 2**31 elements, e.g. the MLP's N x 14336 past "
+                        "~150K tokens, compiles again with 64-bit indices): warm up past that, e.g. 262144, so a "
+                        "1M prompt does not compile inside its timing")
     p.add_argument("--tiny", action="store_true", help="a tiny CPU model: a smoke run of the whole script")
     p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     p.add_argument("--tag", default="")
@@ -150,7 +155,8 @@ def main() -> None:
     lengths = args.lengths or ([512, 1024] if tiny else [262144, 524288, 1048576])
     budgets = args.budgets or ([64, 128] if tiny else [1024, 4096])
     steps = args.decode_tokens if args.decode_tokens is not None else (4 if tiny else 32)
-    warm_len = 256 if tiny else 32768  # the op's min_seq_len: the sparse path and its kernels compile in warm-up
+    # the op's min_seq_len: the sparse path and its kernels compile in warm-up
+    warm_len = args.warm_len or (256 if tiny else 32768)
     options = dict(min_seq_len=0, impl="reference", max_density=1.0) if tiny else {}
     if args.mass is not None:
         options["mass"] = args.mass
@@ -206,7 +212,8 @@ def main() -> None:
         del cache
     print(f"# {gpu}, torch {torch.__version__}, transformers {transformers.__version__}, Llama "
           f"{'tiny' if tiny else '3-8B shape'}, {layers} layers, batch 1, "
-          f"{'structured ' + args.structured if info else 'random'} weights; warm-up with compile (s): "
+          f"{'structured ' + args.structured if info else 'random'} weights; "
+          f"{'eager (no Inductor)' if args.no_inductor else 'Inductor'}; warm-up at {warm_len} with compile (s): "
           + ", ".join(f"{k} {v:.1f}" for k, v in compile_s.items()), flush=True)
     for r in mif_compile.reports():
         if any(s.kv for s in r.sites):
@@ -223,7 +230,7 @@ def main() -> None:
                        layers=layers, seq_len=n, run=name.rstrip("0123456789") if budget else name, kv_budget=budget,
                        structured=args.structured, mass=args.mass, ttft_s=NAN, ttft_estimated=False, peak_gb=NAN,
                        cache_keys_per_layer=None, cache_gb=NAN, decode_tok_s=NAN, decode_steps=steps,
-                       compile_s=compile_s[name], error=None)
+                       compile_s=compile_s[name], warm_len=warm_len, error=None)
             cache = None
             _peak_reset(device)
             try:

@@ -75,8 +75,10 @@ case $stage in
   kv)
     # --no-inductor: Dynamo + our op only (session 7's Inductor warm-up compile took 157 s of the step);
     # dense is eager too, and at 1M the matmuls and attention dominate either way
+    # KV_ARGS="--warm-len 262144 --mass 0.99": through Inductor, warmed up past its 32-bit-index guard
     timeout $(( $(left) - 5 )) python3 benchmarks/bench_snapkv.py --structured mixed --lengths 1048576 --budgets 4096 \
-      --skip sparse --decode-tokens 16 --no-inductor --out "$d" --tag "_1m$TAG" 2>&1 | grep -v -i warn | tee "$d/kv_1m.log" | tail -30 ;;
+      --skip sparse --decode-tokens 16 ${KV_ARGS:---no-inductor} --out "$d" --tag "_1m$TAG" 2>&1 | grep -v -i warn \
+      | tee "$d/kv_1m.log" | tail -30 ;;
   kv512)
     timeout $(( $(left) - 5 )) python3 benchmarks/bench_snapkv.py --structured mixed --lengths ${KV_LENGTHS:-262144 524288} \
       --budgets 4096 --decode-tokens 16 --no-inductor --out "$d" --tag "_512k$TAG" 2>&1 | grep -v -i warn \
