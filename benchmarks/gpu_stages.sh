@@ -22,6 +22,8 @@
 #   bash benchmarks/gpu_stages.sh prof      # profile_model: a 2-layer structured model at $PROF_LENGTHS, dense eager
 #                                           # (cuDNN pinned / PyTorch's choice) vs ours, kernel by kernel, and SDPA
 #                                           # alone on contiguous vs transformers' transposed layout (~3 min)
+#   bash benchmarks/gpu_stages.sh tiles     # the kernel's paired tiles: their cuda tests, then bench_tiles (single vs
+#                                           # paired 64-key tiles, warps/stages) on the op's index, 128K + 256K (~3 min)
 #   bash benchmarks/gpu_stages.sh train     # issue 13: train the shipped retrieval model on, mostly at 128K
 #                                           # ($TRAIN_S s, seed $TRAIN_SEED; dense accuracy 16K-128K at the end),
 #                                           # weights in $OUT/train/seed*/; EVAL_AFTER=1 then evaluates them
@@ -86,6 +88,11 @@ case $stage in
   prof)
     timeout $(( $(left) - 5 )) python3 benchmarks/profile_model.py --lengths $PROF_LENGTHS --layers 2 \
       --modes default,fixed --out "$d" --tag "$TAG" 2>&1 | grep -v -i "warn\|USDT" | tee "$d/prof.log" | tail -90 ;;
+  tiles)
+    timeout 120 python3 -m pytest -q -p no:cacheprovider -m cuda tests/kernels/test_cuda.py -k "paired or attention_kernel" \
+      2>&1 | tail -6 | tee "$d/tests.log"
+    timeout $(( $(left) - 5 )) python3 benchmarks/bench_tiles.py --lengths 131072 262144 --out "$d" --tag "$TAG" 2>&1 \
+      | grep -v -i warn | tee "$d/tiles.log" | tail -20 ;;
   train)
     # warm start from the shipped weights; 1K-32K pass at once (replayed a quarter of the steps), 64K gets at most
     # a fifth of the time, the rest trains at 128K

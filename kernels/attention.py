@@ -7,6 +7,9 @@ and runs an exp2 online softmax (scale folded into the exponent) over three loop
      disjoint and ascending): causal mask and bounds mask;
   3. single columns, gathered BLOCK_N at a time (all < m0, so no causal mask).
 GQA is native: head h reads kv head h // (H // Hkv). Query blocks are launched longest first.
+With ``pair=True`` loops 1 and 3 take two index blocks (two gathers of BLOCK_N columns) per step as one
+2 * BLOCK_N-key tile: a larger tile per online-softmax update and per matmul, the same keys (an odd
+last block of loop 1 runs alone). Off by default until measured on a GPU (``PAIR``).
 q/k and v may have different head dims (MLA: 192 and 128); each is padded to a power of two
 (HEAD_DIM, HEAD_DIM_V, at least 16 for tl.dot) with masked loads, dropped when the dims are even.
 NaN/inf propagate as in dense attention: masked scores are replaced by -inf, never added to.
@@ -64,6 +67,7 @@ def _sparse_attn_kernel(
     GROUPS: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, HAS_PADDING: tl.constexpr,
+    PAIR: tl.constexpr,
 ):
     m = NM - 1 - tl.program_id(0)  # longest rows first
     bh = tl.program_id(1)
@@ -103,7 +107,27 @@ def _sparse_attn_kernel(
 
     n_full = tl.maximum(n_blk - (BLOCK_M // BLOCK_N + 1), 0)
     # 1. off-band blocks: every key < N and <= every query of the block
-    for i in range(0, n_full):
+    if PAIR:  # two blocks a step as one tile of 2 * BLOCK_N gathered keys
+        n_pairs = n_full // 2
+        offs_t = tl.arange(0, 2 * BLOCK_N)
+        second = offs_t >= BLOCK_N
+        within = offs_t % BLOCK_N
+        for i in range(0, n_pairs):
+            start_a = tl.load(bo_ptr + 2 * i)
+            start_b = tl.load(bo_ptr + 2 * i + 1)
+            cols = tl.where(second, start_b, start_a) + within
+            c64 = cols.to(tl.int64)
+            k = _load_2d(k_base + c64[None, :] * stride_kn + offs_d[:, None], d_ok, cols, PAD_D, False)
+            v = _load_2d(v_base + c64[:, None] * stride_vn + offs_dv[None, :], cols, dv_ok, False, PAD_DV)
+            qk = tl.dot(q, k) * qk_scale
+            if HAS_PADDING:
+                real = tl.load(pad_base + cols)
+                qk = tl.where(real[None, :] != 0, qk, float("-inf"))
+            acc, l_i, m_i = _online_update(acc, l_i, m_i, qk, v)
+        first_single = 2 * n_pairs
+    else:
+        first_single = 0
+    for i in range(first_single, n_full):
         start = tl.load(bo_ptr + i)
         cols = start + offs_n
         c64 = cols.to(tl.int64)
@@ -129,10 +153,14 @@ def _sparse_attn_kernel(
             ok = ok & (real[None, :] != 0)
         qk = tl.where(ok, qk, float("-inf"))
         acc, l_i, m_i = _online_update(acc, l_i, m_i, qk, v)
-    # 3. single columns, BLOCK_N at a time; all lie left of m0
-    for c0 in range(0, n_col, BLOCK_N):
-        live = (c0 + offs_n) < n_col
-        cols = tl.load(ci_ptr + c0 + offs_n, mask=live, other=0)
+    # 3. single columns, BLOCK_N (PAIR: 2 * BLOCK_N) at a time; all lie left of m0
+    if PAIR:
+        offs_c = tl.arange(0, 2 * BLOCK_N)
+    else:
+        offs_c = offs_n
+    for c0 in range(0, n_col, offs_c.shape[0]):
+        live = (c0 + offs_c) < n_col
+        cols = tl.load(ci_ptr + c0 + offs_c, mask=live, other=0)
         c64 = cols.to(tl.int64)
         k = _load_2d(k_base + c64[None, :] * stride_kn + offs_d[:, None], d_ok, live, PAD_D, True)
         v = _load_2d(v_base + c64[:, None] * stride_vn + offs_dv[None, :], live, dv_ok, True, PAD_DV)
@@ -166,9 +194,14 @@ def default_config(block_m: int, head_dim: int) -> tuple[int, int]:
     return 4, 3
 
 
+# Whether launches pair index blocks into 2 * block_n-key tiles when not told (module docstring).
+PAIR = False
+
+
 def sparse_attention(q, k, v, index, *, scale, block_m, block_n=64, key_padding=None,
-                     num_warps=None, num_stages=None):
-    """Launcher; inputs are validated by mif_compile.kernels.api. Returns out [B, H, N, Dv]."""
+                     num_warps=None, num_stages=None, pair=None):
+    """Launcher; inputs are validated by mif_compile.kernels.api. Returns out [B, H, N, Dv].
+    ``num_warps`` / ``num_stages``: default :func:`default_config`; ``pair``: default ``PAIR``."""
     B, H, N, D = q.shape
     Dv = v.shape[-1]
     groups = H // k.shape[1]
@@ -190,6 +223,6 @@ def sparse_attention(q, k, v, index, *, scale, block_m, block_n=64, key_padding=
         scale * _LOG2E, N, H, NM, bo.shape[-1], ci.shape[-1],  # caps are run-time values: no compile per length
         GROUPS=groups, D_QK=D, D_V=Dv, HEAD_DIM=hd, HEAD_DIM_V=hdv, PAD_D=hd != D, PAD_DV=hdv != Dv,
         BLOCK_M=block_m, BLOCK_N=block_n, EVEN_M=(N % block_m == 0), HAS_PADDING=key_padding is not None,
-        num_warps=num_warps or w, num_stages=num_stages or s,
+        PAIR=PAIR if pair is None else bool(pair), num_warps=num_warps or w, num_stages=num_stages or s,
     )
     return out

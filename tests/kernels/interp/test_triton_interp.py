@@ -46,6 +46,33 @@ def test_attention_kernel_vs_float64(c, dtype):
 
 
 @few
+@given(vs_case(max_n=700, max_heads=4), st.sampled_from([torch.float16, torch.float32]), st.integers(1, 200),
+       st.integers(1, 300))
+@example({**EDGE, "N": 1200, "block_m": 64, "sink": "mixed", "H": 4, "Hkv": 2, "seed": 7}, torch.float32, 250, 6)
+@example({**EDGE, "N": 641, "block_m": 128, "sink": "small", "padding": True, "B": 2, "left": 100, "seed": 9},
+         torch.float16, 129, 60)
+def test_paired_tiles_vs_float64(c, dtype, n_cols, n_diags):
+    """``pair=True`` (two index blocks, or 2 * 64 columns, per tile) attends the same keys: both launches
+    against float64 on the index's mask, with many blocks off the band and more than 64 columns a row."""
+    from mif_compile.kernels import attention
+
+    c = {**c, "V": n_cols, "S": n_diags}
+    x = make_inputs(c, dtype)
+    idx = build(c, x)
+    bc, _, cc, _ = idx
+    scale = c["D"] ** -0.5
+    mask = full_mask(idx, c, x["key_padding"])
+    ref64 = dense_masked(x["q"], x["k"], x["v"], mask, scale)
+    ref = low_precision_pt(x["q"], x["k"], x["v"], mask, scale)
+    for pair in (False, True):
+        out = attention.sparse_attention(x["q"], x["k"], x["v"], idx, scale=scale, block_m=c["block_m"],
+                                         key_padding=x["key_padding"], pair=pair)
+        assert_close_to_ref64(out, ref, ref64)
+    if c["N"] == 1200:  # the first example: odd and even block counts, more than 128 columns a row
+        assert int(bc.max()) >= 6 and int(cc.max()) > 128 and len(set(bc.flatten().tolist())) > 2
+
+
+@few
 @given(vs_case(max_n=200, max_heads=4), st.sampled_from([1, 17, 64, 100]), st.sampled_from([None, 0, 5, 90]))
 @example(EDGE, 64, None)
 @example({**EDGE, "N": 200, "B": 2, "H": 4, "Hkv": 2, "padding": True, "seed": 4}, 64, 90)
