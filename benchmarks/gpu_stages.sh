@@ -89,7 +89,7 @@ case $stage in
     timeout $(( $(left) - 5 )) python3 benchmarks/profile_model.py --lengths $PROF_LENGTHS --layers 2 \
       --modes default,fixed --out "$d" --tag "$TAG" 2>&1 | grep -v -i "warn\|USDT" | tee "$d/prof.log" | tail -90 ;;
   tiles)
-    timeout 120 python3 -m pytest -q -p no:cacheprovider -m cuda tests/kernels/test_cuda.py -k "paired or attention_kernel" \
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/kernels/test_cuda.py -k "paired or attention_kernel" \
       2>&1 | tail -6 | tee "$d/tests.log"
     timeout $(( $(left) - 5 )) python3 benchmarks/bench_tiles.py --lengths 131072 262144 --out "$d" --tag "$TAG" 2>&1 \
       | grep -v -i warn | tee "$d/tiles.log" | tail -20 ;;

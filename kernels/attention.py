@@ -9,7 +9,8 @@ and runs an exp2 online softmax (scale folded into the exponent) over three loop
 GQA is native: head h reads kv head h // (H // Hkv). Query blocks are launched longest first.
 With ``pair=True`` loops 1 and 3 take two index blocks (two gathers of BLOCK_N columns) per step as one
 2 * BLOCK_N-key tile: a larger tile per online-softmax update and per matmul, the same keys (an odd
-last block of loop 1 runs alone). Off by default until measured on a GPU (``PAIR``).
+last block of loop 1 runs alone). With ``fold=True`` the scale goes into the exponent's FMA (the
+scores stay raw until then). Both off by default until measured on a GPU (``PAIR``, ``FOLD``).
 q/k and v may have different head dims (MLA: 192 and 128); each is padded to a power of two
 (HEAD_DIM, HEAD_DIM_V, at least 16 for tl.dot) with masked loads, dropped when the dims are even.
 NaN/inf propagate as in dense attention: masked scores are replaced by -inf, never added to.
@@ -29,11 +30,21 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _online_update(acc, l_i, m_i, qk, v):
-    # qk: [BM, BN] already in the log2 domain, -inf where masked; a row may be fully masked
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
+def _scores(q, k, qk_scale, FOLD: tl.constexpr):
+    # FOLD: the raw q k^T, scaled later inside the exponent (one FMA an element); else in the log2 domain
+    if FOLD:
+        return tl.dot(q, k)
+    else:
+        return tl.dot(q, k) * qk_scale
+
+
+@triton.jit
+def _online_update(acc, l_i, m_i, qk, v, sc):
+    # qk * sc: [BM, BN] in the log2 domain (sc: the scale, or a constant 1.0 when qk is scaled already),
+    # -inf where masked; a row may be fully masked
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * sc)
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(qk - m_use[:, None])
+    p = tl.math.exp2(qk * sc - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
@@ -67,7 +78,7 @@ def _sparse_attn_kernel(
     GROUPS: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, HAS_PADDING: tl.constexpr,
-    PAIR: tl.constexpr,
+    PAIR: tl.constexpr, FOLD: tl.constexpr,
 ):
     m = NM - 1 - tl.program_id(0)  # longest rows first
     bh = tl.program_id(1)
@@ -101,6 +112,10 @@ def _sparse_attn_kernel(
     bo_ptr = BO + row.to(tl.int64) * cap_s
     ci_ptr = CI + row.to(tl.int64) * cap_v
 
+    if FOLD:
+        sc = qk_scale
+    else:
+        sc = 1.0
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_V], dtype=tl.float32)
@@ -119,11 +134,11 @@ def _sparse_attn_kernel(
             c64 = cols.to(tl.int64)
             k = _load_2d(k_base + c64[None, :] * stride_kn + offs_d[:, None], d_ok, cols, PAD_D, False)
             v = _load_2d(v_base + c64[:, None] * stride_vn + offs_dv[None, :], cols, dv_ok, False, PAD_DV)
-            qk = tl.dot(q, k) * qk_scale
+            qk = _scores(q, k, qk_scale, FOLD)
             if HAS_PADDING:
                 real = tl.load(pad_base + cols)
                 qk = tl.where(real[None, :] != 0, qk, float("-inf"))
-            acc, l_i, m_i = _online_update(acc, l_i, m_i, qk, v)
+            acc, l_i, m_i = _online_update(acc, l_i, m_i, qk, v, sc)
         first_single = 2 * n_pairs
     else:
         first_single = 0
@@ -133,11 +148,11 @@ def _sparse_attn_kernel(
         c64 = cols.to(tl.int64)
         k = _load_2d(k_base + c64[None, :] * stride_kn + offs_d[:, None], d_ok, cols, PAD_D, False)
         v = _load_2d(v_base + c64[:, None] * stride_vn + offs_dv[None, :], cols, dv_ok, False, PAD_DV)
-        qk = tl.dot(q, k) * qk_scale
+        qk = _scores(q, k, qk_scale, FOLD)
         if HAS_PADDING:
             real = tl.load(pad_base + cols)
             qk = tl.where(real[None, :] != 0, qk, float("-inf"))
-        acc, l_i, m_i = _online_update(acc, l_i, m_i, qk, v)
+        acc, l_i, m_i = _online_update(acc, l_i, m_i, qk, v, sc)
     # 2. blocks that may reach past m0 or past N: causal + bounds masks
     for i in range(n_full, n_blk):
         start = tl.load(bo_ptr + i)
@@ -146,13 +161,13 @@ def _sparse_attn_kernel(
         c64 = cols.to(tl.int64)
         k = _load_2d(k_base + c64[None, :] * stride_kn + offs_d[:, None], d_ok, in_n, PAD_D, True)
         v = _load_2d(v_base + c64[:, None] * stride_vn + offs_dv[None, :], in_n, dv_ok, True, PAD_DV)
-        qk = tl.dot(q, k) * qk_scale
+        qk = _scores(q, k, qk_scale, FOLD)
         ok = (cols[None, :] <= offs_m[:, None]) & in_n[None, :]
         if HAS_PADDING:
             real = tl.load(pad_base + cols, mask=in_n, other=0)
             ok = ok & (real[None, :] != 0)
         qk = tl.where(ok, qk, float("-inf"))
-        acc, l_i, m_i = _online_update(acc, l_i, m_i, qk, v)
+        acc, l_i, m_i = _online_update(acc, l_i, m_i, qk, v, sc)
     # 3. single columns, BLOCK_N (PAIR: 2 * BLOCK_N) at a time; all lie left of m0
     if PAIR:
         offs_c = tl.arange(0, 2 * BLOCK_N)
@@ -164,12 +179,12 @@ def _sparse_attn_kernel(
         c64 = cols.to(tl.int64)
         k = _load_2d(k_base + c64[None, :] * stride_kn + offs_d[:, None], d_ok, live, PAD_D, True)
         v = _load_2d(v_base + c64[:, None] * stride_vn + offs_dv[None, :], live, dv_ok, True, PAD_DV)
-        qk = tl.dot(q, k) * qk_scale
+        qk = _scores(q, k, qk_scale, FOLD)
         ok = live
         if HAS_PADDING:
             ok = ok & (tl.load(pad_base + cols, mask=live, other=0) != 0)
         qk = tl.where(ok[None, :], qk, float("-inf"))
-        acc, l_i, m_i = _online_update(acc, l_i, m_i, qk, v)
+        acc, l_i, m_i = _online_update(acc, l_i, m_i, qk, v, sc)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -194,14 +209,17 @@ def default_config(block_m: int, head_dim: int) -> tuple[int, int]:
     return 4, 3
 
 
-# Whether launches pair index blocks into 2 * block_n-key tiles when not told (module docstring).
+# Whether launches pair index blocks into 2 * block_n-key tiles, and fold the softmax scale into the
+# exponent (one FMA an element instead of a multiply and a subtract), when not told (module docstring).
 PAIR = False
+FOLD = False
 
 
 def sparse_attention(q, k, v, index, *, scale, block_m, block_n=64, key_padding=None,
-                     num_warps=None, num_stages=None, pair=None):
+                     num_warps=None, num_stages=None, pair=None, fold=None):
     """Launcher; inputs are validated by mif_compile.kernels.api. Returns out [B, H, N, Dv].
-    ``num_warps`` / ``num_stages``: default :func:`default_config`; ``pair``: default ``PAIR``."""
+    ``num_warps`` / ``num_stages``: default :func:`default_config`; ``pair`` / ``fold``: default
+    ``PAIR`` / ``FOLD``."""
     B, H, N, D = q.shape
     Dv = v.shape[-1]
     groups = H // k.shape[1]
@@ -223,6 +241,6 @@ def sparse_attention(q, k, v, index, *, scale, block_m, block_n=64, key_padding=
         scale * _LOG2E, N, H, NM, bo.shape[-1], ci.shape[-1],  # caps are run-time values: no compile per length
         GROUPS=groups, D_QK=D, D_V=Dv, HEAD_DIM=hd, HEAD_DIM_V=hdv, PAD_D=hd != D, PAD_DV=hdv != Dv,
         BLOCK_M=block_m, BLOCK_N=block_n, EVEN_M=(N % block_m == 0), HAS_PADDING=key_padding is not None,
-        PAIR=PAIR if pair is None else bool(pair), num_warps=num_warps or w, num_stages=num_stages or s,
+        PAIR=PAIR if pair is None else bool(pair), FOLD=FOLD if fold is None else bool(fold), num_warps=num_warps or w, num_stages=num_stages or s,
     )
     return out
