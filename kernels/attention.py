@@ -68,6 +68,21 @@ def _load_2d(ptrs, ok0, ok1, MASK0: tl.constexpr, MASK1: tl.constexpr):
 
 
 @triton.jit
+def _off_band_tile(acc, l_i, m_i, q, cols, k_base, v_base, pad_base, stride_kn, stride_vn, offs_d, offs_dv, d_ok,
+                   dv_ok, qk_scale, sc, PAD_D: tl.constexpr, PAD_DV: tl.constexpr, HAS_PADDING: tl.constexpr,
+                   FOLD: tl.constexpr):
+    # one tile of keys ``cols`` that are all < N and <= every query of the block: no causal or bounds mask
+    c64 = cols.to(tl.int64)
+    k = _load_2d(k_base + c64[None, :] * stride_kn + offs_d[:, None], d_ok, cols, PAD_D, False)
+    v = _load_2d(v_base + c64[:, None] * stride_vn + offs_dv[None, :], cols, dv_ok, False, PAD_DV)
+    qk = _scores(q, k, qk_scale, FOLD)
+    if HAS_PADDING:
+        real = tl.load(pad_base + cols)
+        qk = tl.where(real[None, :] != 0, qk, float("-inf"))
+    return _online_update(acc, l_i, m_i, qk, v, sc)
+
+
+@triton.jit
 def _sparse_attn_kernel(
     Q, K, V, Out, BC, BO, CC, CI, PAD,
     stride_qb, stride_qh, stride_qn,
@@ -131,28 +146,17 @@ def _sparse_attn_kernel(
             start_a = tl.load(bo_ptr + 2 * i)
             start_b = tl.load(bo_ptr + 2 * i + 1)
             cols = tl.where(second, start_b, start_a) + within
-            c64 = cols.to(tl.int64)
-            k = _load_2d(k_base + c64[None, :] * stride_kn + offs_d[:, None], d_ok, cols, PAD_D, False)
-            v = _load_2d(v_base + c64[:, None] * stride_vn + offs_dv[None, :], cols, dv_ok, False, PAD_DV)
-            qk = _scores(q, k, qk_scale, FOLD)
-            if HAS_PADDING:
-                real = tl.load(pad_base + cols)
-                qk = tl.where(real[None, :] != 0, qk, float("-inf"))
-            acc, l_i, m_i = _online_update(acc, l_i, m_i, qk, v, sc)
+            acc, l_i, m_i = _off_band_tile(acc, l_i, m_i, q, cols, k_base, v_base, pad_base, stride_kn, stride_vn,
+                                           offs_d, offs_dv, d_ok, dv_ok, qk_scale, sc, PAD_D, PAD_DV, HAS_PADDING,
+                                           FOLD)
         first_single = 2 * n_pairs
     else:
         first_single = 0
     for i in range(first_single, n_full):
         start = tl.load(bo_ptr + i)
         cols = start + offs_n
-        c64 = cols.to(tl.int64)
-        k = _load_2d(k_base + c64[None, :] * stride_kn + offs_d[:, None], d_ok, cols, PAD_D, False)
-        v = _load_2d(v_base + c64[:, None] * stride_vn + offs_dv[None, :], cols, dv_ok, False, PAD_DV)
-        qk = _scores(q, k, qk_scale, FOLD)
-        if HAS_PADDING:
-            real = tl.load(pad_base + cols)
-            qk = tl.where(real[None, :] != 0, qk, float("-inf"))
-        acc, l_i, m_i = _online_update(acc, l_i, m_i, qk, v, sc)
+        acc, l_i, m_i = _off_band_tile(acc, l_i, m_i, q, cols, k_base, v_base, pad_base, stride_kn, stride_vn,
+                                       offs_d, offs_dv, d_ok, dv_ok, qk_scale, sc, PAD_D, PAD_DV, HAS_PADDING, FOLD)
     # 2. blocks that may reach past m0 or past N: causal + bounds masks
     for i in range(n_full, n_blk):
         start = tl.load(bo_ptr + i)
