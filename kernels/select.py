@@ -24,7 +24,9 @@ reaches ``mass[h]`` times the total, within ``ceil(s_count[h] / 64)`` groups (a 
 candidate within the caps). The target is held at 8 row positions along the sequence, not only at the
 probe rows: a column at key j serves rows >= j and a diagonal at offset o rows >= o, so a heavy key
 near the end (which can hold half of the probe's mass) is no credit for the rows before it, and each
-position's total is the mass its rows can reach. A head whose caps do not allow the target keeps
+position's total is the mass its rows can reach; a position whose rows reach less than ``R_FLOOR`` of
+the probe's mass (the head's structure lies beyond them) has only the probe's noise there and is not held
+to the target. A head whose caps do not allow the target keeps
 every candidate within them, unless they hold less than ``STRUCTURE_FLOOR`` (0.9) of its estimated
 mass: such a head (random q/k hold 0.02-0.2 there at 32K-256K; the structured benchmark inputs
 0.94-0.997 at 128K) runs the fixed-budget choice instead. Mass is estimated from the last queries only
@@ -45,6 +47,8 @@ from .reference import force_first
 
 GROUP = 64  # diagonals per slash group (the key tile width)
 R_ROWS = 8  # row positions at which the kept mass is held to the target
+# A row position is held to the target only where its rows reach at least this share of the probe's mass.
+R_FLOOR = 1e-3
 # A head whose candidates within the caps hold less than this share of its estimated mass (and less
 # than its target) has too little structure for them: it runs the fixed-budget choice instead.
 STRUCTURE_FLOOR = 0.9
@@ -151,7 +155,11 @@ def vertical_slash_select(col, diag, v_count, s_count, mass, *, last_q: int, n_f
     g_mass_r = (scum.gather(-1, b) - scum.gather(-1, a)).view(B, H, kg, R).clamp(min=0.0)
     g_mass_r = torch.where(g_rank_ok[..., None], g_mass_r, 0.0)
     total = scum.gather(-1, (pk[:, :, 0] + 1).expand(B, H, R)) + c_mass_r.sum(-2)  # [B, H, R]: all the mass
-    # these rows can reach
+    # these rows can reach. A position whose rows reach almost none of the probe's mass (its structure lies
+    # beyond them, e.g. a distant diagonal) gets no estimate from the probe, only its noise: it is not held
+    # to the target (else low-mass groups are kept to cover a share of that noise)
+    live = total >= R_FLOOR * total[..., -1:]  # the probe's own position is live whenever it has mass
+    total = torch.where(live, total, 0.0)
     cand_mass = torch.cat([c_mass_r, g_mass_r], -2)  # [B, H, kc + kg, R]
     m_sorted = cand_mass.gather(-2, order[..., None].expand(B, H, kc + kg, R))
     before = m_sorted.cumsum(-2) - m_sorted  # kept mass before this candidate, per position

@@ -5,7 +5,8 @@ with, the column score minus the mean over the offsets where the key meets the p
 group maxima of the diagonal scores), and so are the groups of the 100 nearest diagonals; then
 64-diagonal groups (mass = the group's diagonal scores less what the kept columns put there, cost 64
 keys, or 192 when both neighbours hold less) by mass / cost, while the mass kept so far is below
-mass * total, within the group cap. The third output is the kept share of the estimated mass at the
+mass * total, within the group cap (at 8 row positions; one whose rows reach less than R_FLOOR of the
+probe's mass is not held to it). The third output is the kept share of the estimated mass at the
 position where it is lowest; ``target_outcome`` turns it into (target reached, selection used).
 """
 
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 
 from mif_compile import kernels as K
 from mif_compile.kernels.reference import build_vs_index
-from mif_compile.kernels.select import adaptive_cap_s, slash_group_count
+from mif_compile.kernels.select import R_FLOOR, adaptive_cap_s, slash_group_count
 
 
 def _loop_select(col, diag, v_count, s_count, mass, last_q, n_force_v=30, n_force_s=100):
@@ -47,6 +48,8 @@ def _loop_select(col, diag, v_count, s_count, mass, last_q, n_force_v=30, n_forc
             R = min(8, N)
             pks = [(r * N) // R - 1 for r in range(1, R + 1)]
             total = [sum(d[: p + 1]) + sum(cm[j] for j in c_top if j <= p) for p in pks]
+            # a position whose rows reach less than R_FLOOR of the probe's mass is not held to the target
+            total = [t if t >= R_FLOOR * total[-1] else 0.0 for t in total]
             cands = []  # (forced, ratio, masses per position, kind, id)
             g_ratio = []
             for g in range(G):
@@ -206,3 +209,33 @@ def test_share_separates_structure_from_noise():
     col, diag = _scores(1, 1, N, 7, False)
     *_, share = K.vertical_slash_select(col, diag, 100, 1024, 1.0, last_q=64)
     assert float(share) < STRUCTURE_FLOOR
+
+
+def test_rows_that_reach_no_mass_do_not_buy_groups(monkeypatch):
+    """A head whose mass is one distant diagonal (the planted RoPE head of the search tests, offset 700 of
+    2048): the rows before the diagonal reach only the probe's noise (~1e-9 of its mass). Holding them to
+    the target bought low-mass groups to cover a share of that noise; they are not held to it now, so every
+    target keeps the forced groups and the diagonal's, and the noise's groups come back without the floor."""
+    import os
+    import sys
+
+    from mif_compile.kernels import select
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "search"))
+    import planted
+
+    q, k = planted._rope(planted.N, torch.Generator().manual_seed(0))
+    q = (q * math.sqrt(planted.D))[None, None]
+    col, diag = K.vertical_slash_scores(q, k[None, None], last_q=64, scale=planted.D ** -0.5, impl="reference")
+
+    def groups(m):
+        _, s_off, share = select.vertical_slash_select(col, diag, torch.tensor([48]), torch.tensor([6096]),
+                                                       torch.tensor([m]), last_q=64, v_max=48, s_max=6096)
+        return set((s_off[s_off >= 0] // 64).tolist()), float(share)
+
+    diagonal = {0, 1, planted.ROPE_SLASH // 64}  # the forced groups (100 nearest diagonals) and the diagonal's
+    for m in (0.9, 0.95, 0.99):
+        kept, share = groups(m)
+        assert kept == diagonal and share >= m
+    monkeypatch.setattr(select, "R_FLOOR", 0.0)
+    assert groups(0.99)[0] > diagonal
