@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from mif_compile import HeadPattern, ops  # noqa: E402
 from mif_compile.kernels import attention  # noqa: E402
+from profile_index import timer  # noqa: E402
 from structured import structured_qkv  # noqa: E402
 
 VARIANTS = ("single/8/3", "single+fold/8/3", "pair/8/2", "pair/8/3", "pair+fold/8/2", "pair+fold/8/3")
@@ -57,19 +58,9 @@ def main(argv=None) -> list[dict]:
     D = 32 if quick else 128
     dtype = torch.float32 if quick else torch.bfloat16
     caps = (64, 256) if quick else (1000, 6096)
-    impl = "triton"
+    index_impl = "reference" if quick else "triton"  # the attention variants are always the Triton kernel
     variants = [(v, parse(v)) for v in args.variants]
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        bench = lambda fn: do_bench(fn, warmup=50, rep=300)  # noqa: E731
-    else:
-        import time
-
-        def bench(fn):
-            t0 = time.perf_counter()
-            fn()
-            return (time.perf_counter() - t0) * 1e3
+    bench = timer(device, 300)
     rows = []
     print(f"# {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu (interpreter)'}, torch {torch.__version__}; "
           f"{args.heads} query / {args.kv_heads} kv heads, d={D}, {dtype}, mix {args.mix}")
@@ -88,8 +79,7 @@ def main(argv=None) -> list[dict]:
             head = HeadPattern.vertical_slash(*caps, mass="fixed" if mode == "fixed" else float(mode))
             codes, b0, b1 = ops.encode_heads((head,) * args.heads)
             mass = ops.encode_mass((head,) * args.heads) if head.adaptive else None
-            index = ops.build_layer_index(q, k, None, scale, codes, b0, b1, 64, 128, impl if not quick else "reference",
-                                          mass=mass)
+            index = ops.build_layer_index(q, k, None, scale, codes, b0, b1, 64, 128, index_impl, mass=mass)
             density = float(ops.kept_density(index, n, 128))
             flop = 4.0 * D * density * n * (n + 1) / 2 * args.heads
             base = None

@@ -39,12 +39,17 @@ def _scores(q, k, qk_scale, FOLD: tl.constexpr):
 
 
 @triton.jit
-def _online_update(acc, l_i, m_i, qk, v, sc):
-    # qk * sc: [BM, BN] in the log2 domain (sc: the scale, or a constant 1.0 when qk is scaled already),
-    # -inf where masked; a row may be fully masked
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * sc)
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(qk * sc - m_use[:, None])
+def _online_update(acc, l_i, m_i, qk, v, qk_scale, FOLD: tl.constexpr):
+    # qk: [BM, BN] in the log2 domain (FOLD: raw, scaled here inside the exponent), -inf where masked;
+    # a row may be fully masked
+    if FOLD:
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
@@ -69,7 +74,7 @@ def _load_2d(ptrs, ok0, ok1, MASK0: tl.constexpr, MASK1: tl.constexpr):
 
 @triton.jit
 def _off_band_tile(acc, l_i, m_i, q, cols, k_base, v_base, pad_base, stride_kn, stride_vn, offs_d, offs_dv, d_ok,
-                   dv_ok, qk_scale, sc, PAD_D: tl.constexpr, PAD_DV: tl.constexpr, HAS_PADDING: tl.constexpr,
+                   dv_ok, qk_scale, PAD_D: tl.constexpr, PAD_DV: tl.constexpr, HAS_PADDING: tl.constexpr,
                    FOLD: tl.constexpr):
     # one tile of keys ``cols`` that are all < N and <= every query of the block: no causal or bounds mask
     c64 = cols.to(tl.int64)
@@ -79,7 +84,7 @@ def _off_band_tile(acc, l_i, m_i, q, cols, k_base, v_base, pad_base, stride_kn, 
     if HAS_PADDING:
         real = tl.load(pad_base + cols)
         qk = tl.where(real[None, :] != 0, qk, float("-inf"))
-    return _online_update(acc, l_i, m_i, qk, v, sc)
+    return _online_update(acc, l_i, m_i, qk, v, qk_scale, FOLD)
 
 
 @triton.jit
@@ -127,10 +132,6 @@ def _sparse_attn_kernel(
     bo_ptr = BO + row.to(tl.int64) * cap_s
     ci_ptr = CI + row.to(tl.int64) * cap_v
 
-    if FOLD:
-        sc = qk_scale
-    else:
-        sc = 1.0
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_V], dtype=tl.float32)
@@ -147,7 +148,7 @@ def _sparse_attn_kernel(
             start_b = tl.load(bo_ptr + 2 * i + 1)
             cols = tl.where(second, start_b, start_a) + within
             acc, l_i, m_i = _off_band_tile(acc, l_i, m_i, q, cols, k_base, v_base, pad_base, stride_kn, stride_vn,
-                                           offs_d, offs_dv, d_ok, dv_ok, qk_scale, sc, PAD_D, PAD_DV, HAS_PADDING,
+                                           offs_d, offs_dv, d_ok, dv_ok, qk_scale, PAD_D, PAD_DV, HAS_PADDING,
                                            FOLD)
         first_single = 2 * n_pairs
     else:
@@ -156,7 +157,7 @@ def _sparse_attn_kernel(
         start = tl.load(bo_ptr + i)
         cols = start + offs_n
         acc, l_i, m_i = _off_band_tile(acc, l_i, m_i, q, cols, k_base, v_base, pad_base, stride_kn, stride_vn,
-                                       offs_d, offs_dv, d_ok, dv_ok, qk_scale, sc, PAD_D, PAD_DV, HAS_PADDING, FOLD)
+                                       offs_d, offs_dv, d_ok, dv_ok, qk_scale, PAD_D, PAD_DV, HAS_PADDING, FOLD)
     # 2. blocks that may reach past m0 or past N: causal + bounds masks
     for i in range(n_full, n_blk):
         start = tl.load(bo_ptr + i)
@@ -171,7 +172,7 @@ def _sparse_attn_kernel(
             real = tl.load(pad_base + cols, mask=in_n, other=0)
             ok = ok & (real[None, :] != 0)
         qk = tl.where(ok, qk, float("-inf"))
-        acc, l_i, m_i = _online_update(acc, l_i, m_i, qk, v, sc)
+        acc, l_i, m_i = _online_update(acc, l_i, m_i, qk, v, qk_scale, FOLD)
     # 3. single columns, BLOCK_N (PAIR: 2 * BLOCK_N) at a time; all lie left of m0
     if PAIR:
         offs_c = tl.arange(0, 2 * BLOCK_N)
@@ -188,7 +189,7 @@ def _sparse_attn_kernel(
         if HAS_PADDING:
             ok = ok & (tl.load(pad_base + cols, mask=live, other=0) != 0)
         qk = tl.where(ok[None, :], qk, float("-inf"))
-        acc, l_i, m_i = _online_update(acc, l_i, m_i, qk, v, sc)
+        acc, l_i, m_i = _online_update(acc, l_i, m_i, qk, v, qk_scale, FOLD)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -245,6 +246,7 @@ def sparse_attention(q, k, v, index, *, scale, block_m, block_n=64, key_padding=
         scale * _LOG2E, N, H, NM, bo.shape[-1], ci.shape[-1],  # caps are run-time values: no compile per length
         GROUPS=groups, D_QK=D, D_V=Dv, HEAD_DIM=hd, HEAD_DIM_V=hdv, PAD_D=hd != D, PAD_DV=hdv != Dv,
         BLOCK_M=block_m, BLOCK_N=block_n, EVEN_M=(N % block_m == 0), HAS_PADDING=key_padding is not None,
-        PAIR=PAIR if pair is None else bool(pair), FOLD=FOLD if fold is None else bool(fold), num_warps=num_warps or w, num_stages=num_stages or s,
+        PAIR=PAIR if pair is None else bool(pair), FOLD=FOLD if fold is None else bool(fold),
+        num_warps=num_warps or w, num_stages=num_stages or s,
     )
     return out
