@@ -37,15 +37,17 @@ MASSES=${MASSES:-0.98 0.99 1.0}
 MODEL_MASSES=${MODEL_MASSES:-1.0}  # one mass: two did not fit a call in session 6 (session 7: 0.99)
 MODEL_BLOCK_M=${MODEL_BLOCK_M:-128}  # "128 64": each mass row at both query blocks (one more row: may not fit)
 EVAL_ARGS=${EVAL_ARGS:-}  # e.g. "--adaptive 0.99" (session 7: ours was fixed, ours_adaptive 1.0)
-TAG=${TAG:-_s11}
+TAG=${TAG:-_s12}
 BLOCKM_LENGTHS=${BLOCKM_LENGTHS:-131072 262144}
 PROFILE_LENGTHS=${PROFILE_LENGTHS:-131072 262144 1048576}
 TRAIN_S=${TRAIN_S:-480}
 PROF_LENGTHS=${PROF_LENGTHS:-131072}
 TRAIN_SEED=${TRAIN_SEED:-0}
+KERNEL=${KERNEL:-}  # e.g. "--pair": op, model, model512 and prof run through benchmarks/with_kernel.py
 out=${OUT:-/tmp/out}; d="$out/$stage"; mkdir -p "$d"
 T0=$SECONDS
 left() { echo $(( ${LIMIT:-570} - (SECONDS - T0) )); }
+PYK=python3; [ -n "$KERNEL" ] && PYK="python3 benchmarks/with_kernel.py $KERNEL --"  # (timeout runs no functions)
 python3 -m pip install -q -e . --no-deps --no-build-isolation 2>&1 | tail -3
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$d/gpu.txt"
 case $stage in
@@ -55,7 +57,7 @@ case $stage in
   op)
     # every cuda-marked test (the default became the adaptive index in session 8: run them all first)
     timeout 240 python3 -m pytest -q -p no:cacheprovider -m cuda tests 2>&1 | tail -15 | tee "$d/tests.log"
-    timeout $(( $(left) - 5 )) python3 benchmarks/bench_structured.py --mixes mixed local slash vertical \
+    timeout $(( $(left) - 5 )) $PYK benchmarks/bench_structured.py --mixes mixed local slash vertical \
       --mass $MASSES --out "$d" --tag "$TAG" 2>&1 | grep -v -i warn | tee "$d/op.log" | tail -75 ;;
   profile)
     timeout $(( $(left) - 5 )) python3 benchmarks/profile_index.py --lengths $PROFILE_LENGTHS --index-compile \
@@ -67,11 +69,11 @@ case $stage in
     timeout $(( $(left) - 5 )) python3 benchmarks/bench_structured.py --mixes random --lengths 131072 524288 \
       --mass $MASSES --out "$d" --tag "_random$TAG" 2>&1 | grep -v -i warn | tee "$d/random.log" | tail -12 ;;
   model)
-    timeout $(( $(left) - 5 )) python3 benchmarks/bench_prefill.py --structured mixed --layers 32 \
+    timeout $(( $(left) - 5 )) $PYK benchmarks/bench_prefill.py --structured mixed --layers 32 \
       --lengths 131072 262144 --plans vs --mass $MODEL_MASSES --block-m $MODEL_BLOCK_M --out "$d" --tag "$TAG" 2>&1 | grep -v -i warn \
       | tee "$d/model.log" | tail -40 ;;
   model512)
-    timeout $(( $(left) - 5 )) python3 benchmarks/bench_prefill.py --structured mixed --layers 32 \
+    timeout $(( $(left) - 5 )) $PYK benchmarks/bench_prefill.py --structured mixed --layers 32 \
       --lengths 524288 --plans vs --mass $MODEL_MASSES --block-m $MODEL_BLOCK_M --out "$d" --tag "_512k$TAG" 2>&1 | grep -v -i warn \
       | grep -v "^  run     layer" | tee "$d/model512.log" | tail -12 ;;
   kv)
@@ -86,8 +88,8 @@ case $stage in
       --budgets 4096 --decode-tokens 16 --no-inductor --out "$d" --tag "_512k$TAG" 2>&1 | grep -v -i warn \
       | tee "$d/kv_512k.log" | tail -30 ;;
   prof)
-    timeout $(( $(left) - 5 )) python3 benchmarks/profile_model.py --lengths $PROF_LENGTHS --layers 2 \
-      --modes default,fixed --out "$d" --tag "$TAG" 2>&1 | grep -v -i "warn\|USDT" | tee "$d/prof.log" | tail -90 ;;
+    timeout $(( $(left) - 5 )) $PYK benchmarks/profile_model.py --lengths $PROF_LENGTHS --layers 2 \
+      --modes ${PROF_MODES:-default,fixed} --out "$d" --tag "$TAG" 2>&1 | grep -v -i "warn\|USDT" | tee "$d/prof.log" | tail -90 ;;
   tiles)
     timeout 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/kernels/test_cuda.py -k "paired or attention_kernel" \
       2>&1 | tail -6 | tee "$d/tests.log"
