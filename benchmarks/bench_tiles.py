@@ -2,8 +2,9 @@
 
 On structured attention (benchmarks/structured.py, ``--mix``) at each length, the op's index (the
 backend's defaults: ``mass=1.0``, and MInference's fixed budgets) is built once, then the Triton kernel
-runs on it in each variant ``single|pair[+fold]/num_warps/num_stages`` (``pair``: two index blocks, or
-128 columns, per tile; ``fold``: the softmax scale inside the exponent's FMA; see kernels/attention.py). Per variant: ms (triton.testing.do_bench), TFLOP/s on the kept
+runs on it in each variant ``single|pair[+fold][+tma]/num_warps/num_stages`` (``pair``: two index blocks,
+or 128 columns, per tile; ``fold``: the softmax scale inside the exponent's FMA; ``tma``: descriptor loads;
+see kernels/attention.py). Per variant: ms (triton.testing.do_bench), TFLOP/s on the kept
 pairs, speed over the first variant, and the largest difference from the first variant's output
 (bf16 rounding only: the same keys). cuDNN SDPA on the same q/k/v is timed for scale.
 
@@ -27,17 +28,18 @@ from mif_compile.kernels import attention  # noqa: E402
 from profile_index import timer  # noqa: E402
 from structured import structured_qkv  # noqa: E402
 
-VARIANTS = ("single/8/3", "single+fold/8/3", "single/8/4", "single/4/3", "pair/8/2", "pair/8/3", "pair+fold/8/2",
-            "pair+fold/8/3")
+VARIANTS = ("single/8/3", "single+fold/8/3", "single+tma/8/3", "single+tma/8/4", "single/8/4", "single/4/3",
+            "pair/8/2", "pair/8/3", "pair+fold/8/2", "pair+fold/8/3")
 
 
 def parse(v: str) -> dict:
-    """``single|pair[+fold]/WARPS/STAGES`` -> the launcher's keyword arguments."""
+    """``single|pair[+fold][+tma]/WARPS/STAGES`` -> the launcher's keyword arguments."""
     kind, w, s = v.split("/")
-    tile, _, fold = kind.partition("+")
-    if tile not in ("single", "pair") or fold not in ("", "fold"):
-        raise SystemExit(f"variant {v!r}: use single/WARPS/STAGES or pair/WARPS/STAGES, optionally +fold after the tile")
-    return dict(pair=tile == "pair", fold=fold == "fold", num_warps=int(w), num_stages=int(s))
+    tile, *mods = kind.split("+")
+    if tile not in ("single", "pair") or not set(mods) <= {"fold", "tma"}:
+        raise SystemExit(f"variant {v!r}: use single/WARPS/STAGES or pair/WARPS/STAGES, optionally +fold and "
+                         "+tma (single only) after the tile")
+    return dict(pair=tile == "pair", fold="fold" in mods, tma="tma" in mods, num_warps=int(w), num_stages=int(s))
 
 
 def main(argv=None) -> list[dict]:

@@ -10,12 +10,16 @@ GQA is native: head h reads kv head h // (H // Hkv). Query blocks are launched l
 With ``pair=True`` loops 1 and 3 take two index blocks (two gathers of BLOCK_N columns) per step as one
 2 * BLOCK_N-key tile: a larger tile per online-softmax update and per matmul, the same keys (an odd
 last block of loop 1 runs alone). With ``fold=True`` the scale goes into the exponent's FMA (the
-scores stay raw until then). Both off by default until measured on a GPU (``PAIR``, ``FOLD``).
+scores stay raw until then). With ``tma=True`` loop 1's blocks (BLOCK_N contiguous keys each) are read
+through host-made tensor descriptors (Hopper's bulk copy engine) instead of pointer loads; it takes
+single tiles only, and falls back to pointers where a descriptor cannot describe k/v (a padded head dim,
+strides or bases not 16-byte aligned). All off by default until measured on a GPU (``PAIR``, ``FOLD``,
+``TMA``).
 q/k and v may have different head dims (MLA: 192 and 128); each is padded to a power of two
 (HEAD_DIM, HEAD_DIM_V, at least 16 for tl.dot) with masked loads, dropped when the dims are even.
 NaN/inf propagate as in dense attention: masked scores are replaced by -inf, never added to.
-Caveat: blocks are not 64-aligned (slash runs start anywhere), so K/V tiles are plain pointer
-loads, not TMA descriptors.
+Blocks are not 64-aligned (slash runs start anywhere): a descriptor takes any row offset, and rows past
+N read as zeros.
 """
 
 from __future__ import annotations
@@ -88,8 +92,22 @@ def _off_band_tile(acc, l_i, m_i, q, cols, k_base, v_base, pad_base, stride_kn, 
 
 
 @triton.jit
+def _off_band_tile_tma(acc, l_i, m_i, q, start, offs_n, k_desc, v_desc, b32, hk32, pad_base, qk_scale,
+                       BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                       HAS_PADDING: tl.constexpr, FOLD: tl.constexpr):
+    # _off_band_tile on keys start .. start + BLOCK_N - 1 read through descriptors of [B, Hkv, N, D] k and v
+    k = tl.trans(k_desc.load([b32, hk32, start, 0]).reshape(BLOCK_N, HEAD_DIM))
+    v = v_desc.load([b32, hk32, start, 0]).reshape(BLOCK_N, HEAD_DIM_V)
+    qk = _scores(q, k, qk_scale, FOLD)
+    if HAS_PADDING:
+        real = tl.load(pad_base + start + offs_n)
+        qk = tl.where(real[None, :] != 0, qk, float("-inf"))
+    return _online_update(acc, l_i, m_i, qk, v, qk_scale, FOLD)
+
+
+@triton.jit
 def _sparse_attn_kernel(
-    Q, K, V, Out, BC, BO, CC, CI, PAD,
+    Q, K, V, Out, BC, BO, CC, CI, PAD, K_DESC, V_DESC,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -98,7 +116,7 @@ def _sparse_attn_kernel(
     GROUPS: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, HAS_PADDING: tl.constexpr,
-    PAIR: tl.constexpr, FOLD: tl.constexpr,
+    PAIR: tl.constexpr, FOLD: tl.constexpr, TMA: tl.constexpr,
 ):
     m = NM - 1 - tl.program_id(0)  # longest rows first
     bh = tl.program_id(1)
@@ -153,11 +171,21 @@ def _sparse_attn_kernel(
         first_single = 2 * n_pairs
     else:
         first_single = 0
-    for i in range(first_single, n_full):
-        start = tl.load(bo_ptr + i)
-        cols = start + offs_n
-        acc, l_i, m_i = _off_band_tile(acc, l_i, m_i, q, cols, k_base, v_base, pad_base, stride_kn, stride_vn,
-                                       offs_d, offs_dv, d_ok, dv_ok, qk_scale, PAD_D, PAD_DV, HAS_PADDING, FOLD)
+    if TMA:
+        b32 = b.to(tl.int32)
+        hk32 = hk.to(tl.int32)
+        for i in range(first_single, n_full):
+            start = tl.load(bo_ptr + i)
+            acc, l_i, m_i = _off_band_tile_tma(acc, l_i, m_i, q, start, offs_n, K_DESC, V_DESC, b32, hk32,
+                                               pad_base, qk_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_V, HAS_PADDING,
+                                               FOLD)
+    else:
+        for i in range(first_single, n_full):
+            start = tl.load(bo_ptr + i)
+            cols = start + offs_n
+            acc, l_i, m_i = _off_band_tile(acc, l_i, m_i, q, cols, k_base, v_base, pad_base, stride_kn,
+                                           stride_vn, offs_d, offs_dv, d_ok, dv_ok, qk_scale, PAD_D, PAD_DV,
+                                           HAS_PADDING, FOLD)
     # 2. blocks that may reach past m0 or past N: causal + bounds masks
     for i in range(n_full, n_blk):
         start = tl.load(bo_ptr + i)
@@ -218,13 +246,31 @@ def default_config(block_m: int, head_dim: int) -> tuple[int, int]:
 # exponent (one FMA an element instead of a multiply and a subtract), when not told (module docstring).
 PAIR = False
 FOLD = False
+TMA = False
+
+
+def _descriptors(k, v, block_n, hd, hdv):
+    """Tensor descriptors of k and v for loop 1 ([1, 1, block_n, D] boxes), or None where one cannot
+    describe them: a padded head dim, a stride or base not 16-byte aligned, or no descriptor support."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:  # pragma: no cover - older Triton
+        return None
+    if hd != k.shape[-1] or hdv != v.shape[-1]:
+        return None
+    for t in (k, v):
+        es = t.element_size()
+        if t.data_ptr() % 16 or any((st * es) % 16 for st in t.stride()[:-1]):
+            return None
+    return (TensorDescriptor.from_tensor(k, [1, 1, block_n, hd]),
+            TensorDescriptor.from_tensor(v, [1, 1, block_n, hdv]))
 
 
 def sparse_attention(q, k, v, index, *, scale, block_m, block_n=64, key_padding=None,
-                     num_warps=None, num_stages=None, pair=None, fold=None):
+                     num_warps=None, num_stages=None, pair=None, fold=None, tma=None):
     """Launcher; inputs are validated by mif_compile.kernels.api. Returns out [B, H, N, Dv].
-    ``num_warps`` / ``num_stages``: default :func:`default_config`; ``pair`` / ``fold``: default
-    ``PAIR`` / ``FOLD``."""
+    ``num_warps`` / ``num_stages``: default :func:`default_config`; ``pair`` / ``fold`` / ``tma``: default
+    ``PAIR`` / ``FOLD`` / ``TMA`` (``tma`` with ``pair`` is an error; module docstring)."""
     B, H, N, D = q.shape
     Dv = v.shape[-1]
     groups = H // k.shape[1]
@@ -236,9 +282,16 @@ def sparse_attention(q, k, v, index, *, scale, block_m, block_n=64, key_padding=
     pad = key_padding.to(torch.int8).contiguous() if key_padding is not None else bc
     hd, hdv = _pow2(D), _pow2(Dv)
     w, s = default_config(block_m, max(hd, hdv))
+    pair = PAIR if pair is None else bool(pair)
+    tma = TMA if tma is None else bool(tma)
+    if tma and pair:
+        raise ValueError("sparse_attention: tma=True reads single BLOCK_N-key tiles; it cannot be combined with pair=True")
+    descs = _descriptors(k, v, block_n, hd, hdv) if tma else None
+    if descs is None:
+        descs = (k, v)  # unused: TMA off
     grid = (NM, B * H)
     _sparse_attn_kernel[grid](
-        q, k, v, out, bc, bo, cc, ci, pad,
+        q, k, v, out, bc, bo, cc, ci, pad, *descs,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -246,7 +299,7 @@ def sparse_attention(q, k, v, index, *, scale, block_m, block_n=64, key_padding=
         scale * _LOG2E, N, H, NM, bo.shape[-1], ci.shape[-1],  # caps are run-time values: no compile per length
         GROUPS=groups, D_QK=D, D_V=Dv, HEAD_DIM=hd, HEAD_DIM_V=hdv, PAD_D=hd != D, PAD_DV=hdv != Dv,
         BLOCK_M=block_m, BLOCK_N=block_n, EVEN_M=(N % block_m == 0), HAS_PADDING=key_padding is not None,
-        PAIR=PAIR if pair is None else bool(pair), FOLD=FOLD if fold is None else bool(fold),
+        PAIR=pair, FOLD=FOLD if fold is None else bool(fold), TMA=descs[0] is not k,
         num_warps=num_warps or w, num_stages=num_stages or s,
     )
     return out
