@@ -33,13 +33,14 @@ VARIANTS = ("single/8/3", "single+fold/8/3", "single+tma/8/3", "single+tma/8/4",
 
 
 def parse(v: str) -> dict:
-    """``single|pair[+fold][+tma]/WARPS/STAGES`` -> the launcher's keyword arguments."""
+    """``single|pair[+fold][+tma]/WARPS/STAGES`` -> the launcher's keyword arguments (0: the launcher's
+    default for the block size, kernels.attention.default_config)."""
     kind, w, s = v.split("/")
     tile, *mods = kind.split("+")
     if tile not in ("single", "pair") or not set(mods) <= {"fold", "tma"}:
         raise SystemExit(f"variant {v!r}: use single/WARPS/STAGES or pair/WARPS/STAGES, optionally +fold and "
-                         "+tma (single only) after the tile")
-    return dict(pair=tile == "pair", fold="fold" in mods, tma="tma" in mods, num_warps=int(w), num_stages=int(s))
+                         "+tma after the tile")
+    return dict(pair=tile == "pair", fold="fold" in mods, tma="tma" in mods, num_warps=int(w) or None, num_stages=int(s) or None)
 
 
 def main(argv=None) -> list[dict]:
@@ -50,6 +51,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--modes", default="1.0,fixed", help="comma list: mass targets and 'fixed'")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    p.add_argument("--block-m", type=int, nargs="+", default=[128], choices=[64, 128], help="query block sizes")
     p.add_argument("--quick", action="store_true", help="CPU under the Triton interpreter (set TRITON_INTERPRET=1)")
     p.add_argument("--out", default=None)
     p.add_argument("--tag", default="")
@@ -78,33 +80,33 @@ def main(argv=None) -> list[dict]:
             with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
                 cudnn_ms = bench(lambda: torch.nn.functional.scaled_dot_product_attention(
                     q, k, v, is_causal=True, enable_gqa=True))
-        for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
+        for mode, bm in [(m.strip(), bm) for bm in args.block_m for m in args.modes.split(",") if m.strip()]:
             head = HeadPattern.vertical_slash(*caps, mass="fixed" if mode == "fixed" else float(mode))
             codes, b0, b1 = ops.encode_heads((head,) * args.heads)
             mass = ops.encode_mass((head,) * args.heads) if head.adaptive else None
-            index = ops.build_layer_index(q, k, None, scale, codes, b0, b1, 64, 128, index_impl, mass=mass)
-            density = float(ops.kept_density(index, n, 128))
+            index = ops.build_layer_index(q, k, None, scale, codes, b0, b1, 64, bm, index_impl, mass=mass)
+            density = float(ops.kept_density(index, n, bm))
             flop = 4.0 * D * density * n * (n + 1) / 2 * args.heads
             base = None
             for name, kw in variants:
                 try:
-                    out = attention.sparse_attention(q, k, v, index, scale=scale, block_m=128, **kw)
-                    ms = bench(lambda: attention.sparse_attention(q, k, v, index, scale=scale, block_m=128, **kw))
+                    out = attention.sparse_attention(q, k, v, index, scale=scale, block_m=bm, **kw)
+                    ms = bench(lambda: attention.sparse_attention(q, k, v, index, scale=scale, block_m=bm, **kw))
                 except Exception as e:  # e.g. Triton's OutOfResources: a tile shape that does not fit shared memory
                     if base is None:
                         raise
-                    print(f"{n:>8} {mode:>6} {name:>11} failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
-                    rows.append(dict(seq_len=n, mode=mode, variant=name, error=f"{type(e).__name__}: {e}"[:300]))
+                    print(f"{n:>8} {mode:>6} m{bm:<3} {name:>11} failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                    rows.append(dict(seq_len=n, mode=mode, block_m=bm, variant=name, error=f"{type(e).__name__}: {e}"[:300]))
                     continue
                 diff = 0.0 if base is None else float((out.float() - base[0].float()).abs().max())
                 if base is None:
                     base = (out, ms)
-                row = dict(seq_len=n, mode=mode, variant=name, ms=ms, tflops=flop / ms / 1e9, density=density,
+                row = dict(seq_len=n, mode=mode, block_m=bm, variant=name, ms=ms, tflops=flop / ms / 1e9, density=density,
                            speedup_vs_first=base[1] / ms, max_diff_vs_first=diff, cudnn_ms=cudnn_ms,
                            heads=args.heads, kv_heads=args.kv_heads, head_dim=D, device=str(device),
                            gpu=torch.cuda.get_device_name() if device.type == "cuda" else None, torch=torch.__version__)
                 rows.append(row)
-                print(f"{n:>8} {mode:>6} {name:>11} {ms:9.3f} ms {row['tflops']:7.1f} TFLOP/s  x{row['speedup_vs_first']:.3f} "
+                print(f"{n:>8} {mode:>6} m{bm:<3} {name:>11} {ms:9.3f} ms {row['tflops']:7.1f} TFLOP/s  x{row['speedup_vs_first']:.3f} "
                       f"vs {variants[0][0]}  max diff {diff:.2e}  density {density:.3f}"
                       + (f"  cuDNN {cudnn_ms:.2f} ms" if cudnn_ms else ""), flush=True)
                 save(rows, args)  # after every row: a call cut off at its limit keeps what it measured

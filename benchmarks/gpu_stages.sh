@@ -93,7 +93,7 @@ case $stage in
   tiles)
     timeout 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/kernels/test_cuda.py -k "paired or attention_kernel" \
       2>&1 | tail -6 | tee "$d/tests.log"
-    timeout $(( $(left) - 5 )) python3 benchmarks/bench_tiles.py --lengths 131072 262144 --out "$d" --tag "$TAG" 2>&1 \
+    timeout $(( $(left) - 5 )) python3 benchmarks/bench_tiles.py --lengths 131072 262144 ${TILES_ARGS:-} --out "$d" --tag "$TAG" 2>&1 \
       | grep -v -i warn | tee "$d/tiles.log" | tail -20 ;;
   train)
     # warm start from the shipped weights; 1K-32K pass at once (replayed a quarter of the steps), 64K gets at most

@@ -14,7 +14,7 @@ import sys
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if "--" not in argv:
-        raise SystemExit("usage: with_kernel.py [--pair | --tma] [--fold] -- SCRIPT [ARGS...]")
+        raise SystemExit("usage: with_kernel.py [--pair] [--fold] [--tma] -- SCRIPT [ARGS...]")
     cut = argv.index("--")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pair", action="store_true", help="two index blocks (2 x 64 keys) per tile")
@@ -24,8 +24,6 @@ def main(argv=None) -> None:
     script, rest = argv[cut + 1], argv[cut + 2:]
     from mif_compile.kernels import attention
 
-    if args.pair and args.tma:
-        raise SystemExit("with_kernel.py: --tma takes single tiles; leave out --pair")
     attention.PAIR, attention.FOLD, attention.TMA = args.pair, args.fold, args.tma
     print(f"# kernel: PAIR={attention.PAIR} FOLD={attention.FOLD} TMA={attention.TMA}", flush=True)
     sys.argv = [script, *rest]

@@ -11,9 +11,9 @@ With ``pair=True`` loops 1 and 3 take two index blocks (two gathers of BLOCK_N c
 2 * BLOCK_N-key tile: a larger tile per online-softmax update and per matmul, the same keys (an odd
 last block of loop 1 runs alone). With ``fold=True`` the scale goes into the exponent's FMA (the
 scores stay raw until then). With ``tma=True`` loop 1's blocks (BLOCK_N contiguous keys each) are read
-through host-made tensor descriptors (Hopper's bulk copy engine) instead of pointer loads; it takes
-single tiles only, and falls back to pointers where a descriptor cannot describe k/v (a padded head dim,
-strides or bases not 16-byte aligned). All off by default until measured on a GPU (``PAIR``, ``FOLD``,
+through host-made tensor descriptors (Hopper's bulk copy engine) instead of pointer loads (with
+``pair``: two loads and two matmuls under one online-softmax update), and falls back to pointers where
+a descriptor cannot describe k/v (a padded head dim, strides or bases not 16-byte aligned). All off by default until measured on a GPU (``PAIR``, ``FOLD``,
 ``TMA``).
 q/k and v may have different head dims (MLA: 192 and 128); each is padded to a power of two
 (HEAD_DIM, HEAD_DIM_V, at least 16 for tl.dot) with masked loads, dropped when the dims are even.
@@ -106,6 +106,38 @@ def _off_band_tile_tma(acc, l_i, m_i, q, start, offs_n, k_desc, v_desc, b32, hk3
 
 
 @triton.jit
+def _off_band_pair_tma(acc, l_i, m_i, q, start_a, start_b, offs_n, k_desc, v_desc, b32, hk32, pad_base, qk_scale,
+                       BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                       HAS_PADDING: tl.constexpr, FOLD: tl.constexpr):
+    # two off-band blocks through descriptors: [BM, BN] scores each, one shared running max and rescale
+    ka = tl.trans(k_desc.load([b32, hk32, start_a, 0]).reshape(BLOCK_N, HEAD_DIM))
+    kb = tl.trans(k_desc.load([b32, hk32, start_b, 0]).reshape(BLOCK_N, HEAD_DIM))
+    qa = _scores(q, ka, qk_scale, FOLD)
+    qb = _scores(q, kb, qk_scale, FOLD)
+    if HAS_PADDING:
+        qa = tl.where(tl.load(pad_base + start_a + offs_n)[None, :] != 0, qa, float("-inf"))
+        qb = tl.where(tl.load(pad_base + start_b + offs_n)[None, :] != 0, qb, float("-inf"))
+    top = tl.maximum(tl.max(qa, 1), tl.max(qb, 1))
+    if FOLD:
+        m_new = tl.maximum(m_i, top * qk_scale)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        pa = tl.math.exp2(qa * qk_scale - m_use[:, None])
+        pb = tl.math.exp2(qb * qk_scale - m_use[:, None])
+    else:
+        m_new = tl.maximum(m_i, top)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        pa = tl.math.exp2(qa - m_use[:, None])
+        pb = tl.math.exp2(qb - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(pa, 1) + tl.sum(pb, 1)
+    va = v_desc.load([b32, hk32, start_a, 0]).reshape(BLOCK_N, HEAD_DIM_V)
+    vb = v_desc.load([b32, hk32, start_b, 0]).reshape(BLOCK_N, HEAD_DIM_V)
+    acc = tl.dot(pa.to(va.dtype), va, acc * alpha[:, None])
+    acc = tl.dot(pb.to(vb.dtype), vb, acc)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _sparse_attn_kernel(
     Q, K, V, Out, BC, BO, CC, CI, PAD, K_DESC, V_DESC,
     stride_qb, stride_qh, stride_qn,
@@ -156,6 +188,8 @@ def _sparse_attn_kernel(
 
     n_full = tl.maximum(n_blk - (BLOCK_M // BLOCK_N + 1), 0)
     # 1. off-band blocks: every key < N and <= every query of the block
+    b32 = b.to(tl.int32)
+    hk32 = hk.to(tl.int32)
     if PAIR:  # two blocks a step as one tile of 2 * BLOCK_N gathered keys
         n_pairs = n_full // 2
         offs_t = tl.arange(0, 2 * BLOCK_N)
@@ -164,16 +198,19 @@ def _sparse_attn_kernel(
         for i in range(0, n_pairs):
             start_a = tl.load(bo_ptr + 2 * i)
             start_b = tl.load(bo_ptr + 2 * i + 1)
-            cols = tl.where(second, start_b, start_a) + within
-            acc, l_i, m_i = _off_band_tile(acc, l_i, m_i, q, cols, k_base, v_base, pad_base, stride_kn, stride_vn,
-                                           offs_d, offs_dv, d_ok, dv_ok, qk_scale, PAD_D, PAD_DV, HAS_PADDING,
-                                           FOLD)
+            if TMA:  # two descriptor loads and two matmuls, one online-softmax update
+                acc, l_i, m_i = _off_band_pair_tma(acc, l_i, m_i, q, start_a, start_b, offs_n, K_DESC, V_DESC,
+                                                   b32, hk32, pad_base, qk_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_V,
+                                                   HAS_PADDING, FOLD)
+            else:
+                cols = tl.where(second, start_b, start_a) + within
+                acc, l_i, m_i = _off_band_tile(acc, l_i, m_i, q, cols, k_base, v_base, pad_base, stride_kn,
+                                               stride_vn, offs_d, offs_dv, d_ok, dv_ok, qk_scale, PAD_D, PAD_DV,
+                                               HAS_PADDING, FOLD)
         first_single = 2 * n_pairs
     else:
         first_single = 0
     if TMA:
-        b32 = b.to(tl.int32)
-        hk32 = hk.to(tl.int32)
         for i in range(first_single, n_full):
             start = tl.load(bo_ptr + i)
             acc, l_i, m_i = _off_band_tile_tma(acc, l_i, m_i, q, start, offs_n, K_DESC, V_DESC, b32, hk32,
@@ -270,7 +307,7 @@ def sparse_attention(q, k, v, index, *, scale, block_m, block_n=64, key_padding=
                      num_warps=None, num_stages=None, pair=None, fold=None, tma=None):
     """Launcher; inputs are validated by mif_compile.kernels.api. Returns out [B, H, N, Dv].
     ``num_warps`` / ``num_stages``: default :func:`default_config`; ``pair`` / ``fold`` / ``tma``: default
-    ``PAIR`` / ``FOLD`` / ``TMA`` (``tma`` with ``pair`` is an error; module docstring)."""
+    ``PAIR`` / ``FOLD`` / ``TMA`` (module docstring)."""
     B, H, N, D = q.shape
     Dv = v.shape[-1]
     groups = H // k.shape[1]
@@ -284,8 +321,6 @@ def sparse_attention(q, k, v, index, *, scale, block_m, block_n=64, key_padding=
     w, s = default_config(block_m, max(hd, hdv))
     pair = PAIR if pair is None else bool(pair)
     tma = TMA if tma is None else bool(tma)
-    if tma and pair:
-        raise ValueError("sparse_attention: tma=True reads single BLOCK_N-key tiles; it cannot be combined with pair=True")
     descs = _descriptors(k, v, block_n, hd, hdv) if tma else None
     if descs is None:
         descs = (k, v)  # unused: TMA off

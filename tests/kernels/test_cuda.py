@@ -59,7 +59,8 @@ def test_attention_kernel_vs_reference_vs_float64(N, D, block_m, padding, dtype)
 
 @pytest.mark.parametrize("pair,fold,tma,stages", [(True, False, False, 2), (True, False, False, 3),
                                                   (False, True, False, 3), (True, True, False, 2),
-                                                  (False, False, True, 3), (False, True, True, 3)])
+                                                  (False, False, True, 3), (False, True, True, 3),
+                                                  (True, True, True, 3)])
 @pytest.mark.parametrize("N,D,block_m,padding", [(4096, 128, 128, False), (3001, 128, 64, True), (5000, 64, 128, True)])
 def test_paired_tiles_vs_float64(N, D, block_m, padding, pair, fold, tma, stages):
     """The kernel with ``pair=True`` (two index blocks, or 128 columns, per tile) or ``tma=True`` (descriptor

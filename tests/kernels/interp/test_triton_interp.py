@@ -67,7 +67,7 @@ def test_paired_tiles_vs_float64(c, dtype, n_cols, n_diags):
     ref64 = dense_masked(x["q"], x["k"], x["v"], mask, scale)
     ref = low_precision_pt(x["q"], x["k"], x["v"], mask, scale)
     for pair, fold, tma in ((False, False, False), (True, False, False), (False, True, False), (True, True, False),
-                            (False, False, True), (False, True, True)):
+                            (False, False, True), (False, True, True), (True, False, True), (True, True, True)):
         out = attention.sparse_attention(x["q"], x["k"], x["v"], idx, scale=scale, block_m=c["block_m"],
                                          key_padding=x["key_padding"], pair=pair, fold=fold, tma=tma)
         assert_close_to_ref64(out, ref, ref64)
