@@ -13,8 +13,8 @@ last block of loop 1 runs alone). With ``fold=True`` the scale goes into the exp
 scores stay raw until then). With ``tma=True`` loop 1's blocks (BLOCK_N contiguous keys each) are read
 through host-made tensor descriptors (Hopper's bulk copy engine) instead of pointer loads (with
 ``pair``: two loads and two matmuls under one online-softmax update), and falls back to pointers where
-a descriptor cannot describe k/v (a padded head dim, strides or bases not 16-byte aligned). All off by default until measured on a GPU (``PAIR``, ``FOLD``,
-``TMA``).
+a descriptor cannot describe k/v (a padded head dim, strides or bases not 16-byte aligned). All three
+are on by default at block_m 128 (``PAIR``, ``FOLD``, ``TMA``: 16-22% faster on an H100), off at 64.
 q/k and v may have different head dims (MLA: 192 and 128); each is padded to a power of two
 (HEAD_DIM, HEAD_DIM_V, at least 16 for tl.dot) with masked loads, dropped when the dims are even.
 NaN/inf propagate as in dense attention: masked scores are replaced by -inf, never added to.
@@ -279,11 +279,14 @@ def default_config(block_m: int, head_dim: int) -> tuple[int, int]:
     return 4, 3
 
 
-# Whether launches pair index blocks into 2 * block_n-key tiles, and fold the softmax scale into the
-# exponent (one FMA an element instead of a multiply and a subtract), when not told (module docstring).
-PAIR = False
-FOLD = False
-TMA = False
+# Whether launches at block_m 128 pair index blocks into 2 * block_n-key tiles, fold the softmax scale into
+# the exponent (one FMA an element instead of a multiply and a subtract) and read off-band blocks through
+# descriptors, when not told (module docstring). Measured on an H100 (benchmarks/NOTES.md, session 12): the
+# three together 16-22% faster at block_m 128 on the op's index; at block_m 64 pairing was 4-25% slower,
+# so block_m 64 keeps single pointer-loaded tiles.
+PAIR = True
+FOLD = True
+TMA = True
 
 
 def _descriptors(k, v, block_n, hd, hdv):
@@ -307,7 +310,7 @@ def sparse_attention(q, k, v, index, *, scale, block_m, block_n=64, key_padding=
                      num_warps=None, num_stages=None, pair=None, fold=None, tma=None):
     """Launcher; inputs are validated by mif_compile.kernels.api. Returns out [B, H, N, Dv].
     ``num_warps`` / ``num_stages``: default :func:`default_config`; ``pair`` / ``fold`` / ``tma``: default
-    ``PAIR`` / ``FOLD`` / ``TMA`` (module docstring)."""
+    ``PAIR`` / ``FOLD`` / ``TMA`` at block_m 128, off at 64 (module docstring)."""
     B, H, N, D = q.shape
     Dv = v.shape[-1]
     groups = H // k.shape[1]
@@ -319,8 +322,10 @@ def sparse_attention(q, k, v, index, *, scale, block_m, block_n=64, key_padding=
     pad = key_padding.to(torch.int8).contiguous() if key_padding is not None else bc
     hd, hdv = _pow2(D), _pow2(Dv)
     w, s = default_config(block_m, max(hd, hdv))
-    pair = PAIR if pair is None else bool(pair)
-    tma = TMA if tma is None else bool(tma)
+    tuned = block_m == 128  # where the module defaults apply
+    pair = (PAIR and tuned) if pair is None else bool(pair)
+    fold = (FOLD and tuned) if fold is None else bool(fold)
+    tma = (TMA and tuned) if tma is None else bool(tma)
     descs = _descriptors(k, v, block_n, hd, hdv) if tma else None
     if descs is None:
         descs = (k, v)  # unused: TMA off
@@ -334,7 +339,7 @@ def sparse_attention(q, k, v, index, *, scale, block_m, block_n=64, key_padding=
         scale * _LOG2E, N, H, NM, bo.shape[-1], ci.shape[-1],  # caps are run-time values: no compile per length
         GROUPS=groups, D_QK=D, D_V=Dv, HEAD_DIM=hd, HEAD_DIM_V=hdv, PAD_D=hd != D, PAD_DV=hdv != Dv,
         BLOCK_M=block_m, BLOCK_N=block_n, EVEN_M=(N % block_m == 0), HAS_PADDING=key_padding is not None,
-        PAIR=pair, FOLD=FOLD if fold is None else bool(fold), TMA=descs[0] is not k,
+        PAIR=pair, FOLD=fold, TMA=descs[0] is not k,
         num_warps=num_warps or w, num_stages=num_stages or s,
     )
     return out
