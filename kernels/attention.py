@@ -14,7 +14,8 @@ scores stay raw until then). With ``tma=True`` loop 1's blocks (BLOCK_N contiguo
 through host-made tensor descriptors (Hopper's bulk copy engine) instead of pointer loads (with
 ``pair``: two loads and two matmuls under one online-softmax update), and falls back to pointers where
 a descriptor cannot describe k/v (a padded head dim, strides or bases not 16-byte aligned). All three
-are on by default at block_m 128 (``PAIR``, ``FOLD``, ``TMA``: 16-22% faster on an H100), off at 64.
+are on by default at block_m 128 and head dim 128 (``PAIR``, ``FOLD``, ``TMA``: 16-22% faster on an
+H100), off elsewhere (block_m 64: measured slower; other head dims: not measured).
 q/k and v may have different head dims (MLA: 192 and 128); each is padded to a power of two
 (HEAD_DIM, HEAD_DIM_V, at least 16 for tl.dot) with masked loads, dropped when the dims are even.
 NaN/inf propagate as in dense attention: masked scores are replaced by -inf, never added to.
@@ -279,14 +280,23 @@ def default_config(block_m: int, head_dim: int) -> tuple[int, int]:
     return 4, 3
 
 
-# Whether launches at block_m 128 pair index blocks into 2 * block_n-key tiles, fold the softmax scale into
+# Whether launches at block_m 128 and head dim 128 pair index blocks into 2 * block_n-key tiles, fold the softmax scale into
 # the exponent (one FMA an element instead of a multiply and a subtract) and read off-band blocks through
 # descriptors, when not told (module docstring). Measured on an H100 (benchmarks/NOTES.md, session 12): the
-# three together 16-22% faster at block_m 128 on the op's index; at block_m 64 pairing was 4-25% slower,
-# so block_m 64 keeps single pointer-loaded tiles.
+# three together 16-22% faster at block_m 128, d 128 on the op's index; at block_m 64 pairing was 4-25%
+# slower, so block_m 64 keeps single pointer-loaded tiles, and so do other head dims (not measured; at
+# d 256 a paired tile doubles shared memory that single tiles already fill).
 PAIR = True
 FOLD = True
 TMA = True
+
+
+def launch_options(block_m: int, hd: int, hdv: int, pair=None, fold=None, tma=None) -> tuple[bool, bool, bool]:
+    """(pair, fold, tma) of a launch: what the caller passed, else the module defaults where they were
+    measured (block_m 128, padded head dims 128), else off."""
+    tuned = block_m == 128 and hd == hdv == 128
+    return tuple(bool(given) if given is not None else (default and tuned)
+                 for given, default in ((pair, PAIR), (fold, FOLD), (tma, TMA)))
 
 
 def _descriptors(k, v, block_n, hd, hdv):
@@ -310,7 +320,7 @@ def sparse_attention(q, k, v, index, *, scale, block_m, block_n=64, key_padding=
                      num_warps=None, num_stages=None, pair=None, fold=None, tma=None):
     """Launcher; inputs are validated by mif_compile.kernels.api. Returns out [B, H, N, Dv].
     ``num_warps`` / ``num_stages``: default :func:`default_config`; ``pair`` / ``fold`` / ``tma``: default
-    ``PAIR`` / ``FOLD`` / ``TMA`` at block_m 128, off at 64 (module docstring)."""
+    ``PAIR`` / ``FOLD`` / ``TMA`` at block_m 128 and head dim 128, else off (module docstring)."""
     B, H, N, D = q.shape
     Dv = v.shape[-1]
     groups = H // k.shape[1]
@@ -322,10 +332,7 @@ def sparse_attention(q, k, v, index, *, scale, block_m, block_n=64, key_padding=
     pad = key_padding.to(torch.int8).contiguous() if key_padding is not None else bc
     hd, hdv = _pow2(D), _pow2(Dv)
     w, s = default_config(block_m, max(hd, hdv))
-    tuned = block_m == 128  # where the module defaults apply
-    pair = (PAIR and tuned) if pair is None else bool(pair)
-    fold = (FOLD and tuned) if fold is None else bool(fold)
-    tma = (TMA and tuned) if tma is None else bool(tma)
+    pair, fold, tma = launch_options(block_m, hd, hdv, pair, fold, tma)
     descs = _descriptors(k, v, block_n, hd, hdv) if tma else None
     if descs is None:
         descs = (k, v)  # unused: TMA off

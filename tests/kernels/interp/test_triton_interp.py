@@ -45,6 +45,27 @@ def test_attention_kernel_vs_float64(c, dtype):
     assert_close_to_ref64(out, low_precision_pt(x["q"], x["k"], x["v"], mask, scale), ref64)
 
 
+def test_launch_defaults_apply_where_measured():
+    """pair/fold/tma default on only at block_m 128 and head dim 128 (kernels/attention.py); a caller's
+    choice always wins."""
+    from mif_compile.kernels import attention
+
+    assert attention.launch_options(128, 128, 128) == (attention.PAIR, attention.FOLD, attention.TMA) == (True,) * 3
+    for shape in ((64, 128, 128), (128, 64, 64), (128, 256, 256), (128, 256, 128)):
+        assert attention.launch_options(*shape) == (False, False, False), shape
+    assert attention.launch_options(128, 128, 128, pair=False) == (False, True, True)
+    assert attention.launch_options(64, 32, 32, fold=True, tma=True) == (False, True, True)
+    # and the default launch at that shape is correct: against float64 on the index's mask
+    c = {**EDGE, "N": 700, "block_m": 128, "D": 128, "sink": "mixed", "padding": True, "H": 4, "Hkv": 2, "seed": 3}
+    x = make_inputs(c, torch.float32)
+    idx = build(c, x)
+    assert attention._descriptors(x["k"], x["v"], 64, 128, 128) is not None and int(idx[0].max()) >= 4
+    out = attention.sparse_attention(x["q"], x["k"], x["v"], idx, scale=0.1, block_m=128, key_padding=x["key_padding"])
+    mask = full_mask(idx, c, x["key_padding"])
+    ref64 = dense_masked(x["q"], x["k"], x["v"], mask, 0.1)
+    assert_close_to_ref64(out, low_precision_pt(x["q"], x["k"], x["v"], mask, 0.1), ref64)
+
+
 @few
 @given(vs_case(max_n=700, max_heads=4), st.sampled_from([torch.float16, torch.float32]), st.integers(1, 200),
        st.integers(1, 300))
