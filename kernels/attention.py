@@ -280,12 +280,12 @@ def default_config(block_m: int, head_dim: int) -> tuple[int, int]:
     return 4, 3
 
 
-# Whether launches at block_m 128 and head dim 128 pair index blocks into 2 * block_n-key tiles, fold the softmax scale into
-# the exponent (one FMA an element instead of a multiply and a subtract) and read off-band blocks through
-# descriptors, when not told (module docstring). Measured on an H100 (benchmarks/NOTES.md, session 12): the
-# three together 16-22% faster at block_m 128, d 128 on the op's index; at block_m 64 pairing was 4-25%
-# slower, so block_m 64 keeps single pointer-loaded tiles, and so do other head dims (not measured; at
-# d 256 a paired tile doubles shared memory that single tiles already fill).
+# Whether launches at block_m 128 and head dim 128 pair index blocks into 2 * block_n-key tiles, fold the
+# softmax scale into the exponent (one FMA an element instead of a multiply and a subtract) and read
+# off-band blocks through descriptors, when not told (module docstring). Measured on an H100
+# (benchmarks/NOTES.md, session 12): the three together 16-22% faster at block_m 128, d 128 on the op's
+# index; at block_m 64 pairing was 4-25% slower, so block_m 64 keeps single pointer-loaded tiles, and so
+# do other head dims (not measured; at d 256 a paired tile doubles shared memory that single tiles fill).
 PAIR = True
 FOLD = True
 TMA = True
