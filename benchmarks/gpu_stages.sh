@@ -9,7 +9,7 @@
 #                                           # and kernel by kernel, fixed / 1.0 / 0.99, eager and with
 #                                           # ops.compile_index() (+ic), 128K 256K 1M (~2 min)
 # MIF_COMPILE_INDEX=1 in front of any stage runs the op's vertical-slash choice through torch.compile.
-# KERNEL="--pair --fold --tma" (any of them; none = all off) in front of op, model, model512 or prof runs it with
+# KERNEL="--pair --fold --tma" (the flags named on, the others off) in front of op, model, model512 or prof runs it with
 # the kernel's module defaults set so (benchmarks/with_kernel.py); TILES_ARGS adds bench_tiles arguments
 # (e.g. "--block-m 128 64 --variants single/0/0 pair+fold+tma/0/0").
 #   bash benchmarks/gpu_stages.sh blockm    # block_m 64 vs 128 (index and kernel), mixed, 128K + 256K, fixed,
