@@ -28,19 +28,24 @@ from mif_compile.kernels import attention  # noqa: E402
 from profile_index import timer  # noqa: E402
 from structured import structured_qkv  # noqa: E402
 
-VARIANTS = ("single/8/3", "single+fold/8/3", "single+tma/8/3", "single+tma/8/4", "single/8/4", "single/4/3",
-            "pair/8/2", "pair/8/3", "pair+fold/8/2", "pair+fold/8/3")
+# the default launch first (at block_m 128, d 128: pair + fold + tma), then what the offline compile
+# (kernel_resources.py) says spills less, then the kernel before session 12
+VARIANTS = ("pair+fold+tma/0/0", "pair+fold+tma+band+c64/0/0", "pair+fold+tma+c64/0/0", "pair+fold+tma+band/0/0",
+            "single+tma+band/0/0", "pair+fold+tma/0/2", "single/0/0")
 
 
 def parse(v: str) -> dict:
-    """``single|pair[+fold][+tma]/WARPS/STAGES`` -> the launcher's keyword arguments (0: the launcher's
-    default for the block size, kernels.attention.default_config)."""
+    """``single|pair[+fold][+tma][+band][+cNN]/WARPS/STAGES`` -> the launcher's keyword arguments (``band``:
+    band_tma; ``cNN``: NN columns a gather; WARPS/STAGES 0: the launcher's default for the block size,
+    kernels.attention.default_config)."""
     kind, w, s = v.split("/")
     tile, *mods = kind.split("+")
-    if tile not in ("single", "pair") or not set(mods) <= {"fold", "tma"}:
-        raise SystemExit(f"variant {v!r}: use single/WARPS/STAGES or pair/WARPS/STAGES, optionally +fold and "
-                         "+tma after the tile")
-    return dict(pair=tile == "pair", fold="fold" in mods, tma="tma" in mods, num_warps=int(w) or None, num_stages=int(s) or None)
+    cols = [int(m[1:]) for m in mods if m[:1] == "c" and m[1:].isdigit()]
+    if tile not in ("single", "pair") or not set(mods) - {f"c{c}" for c in cols} <= {"fold", "tma", "band"}:
+        raise SystemExit(f"variant {v!r}: use single/WARPS/STAGES or pair/WARPS/STAGES, optionally +fold, +tma, "
+                         "+band and +cNN after the tile")
+    return dict(pair=tile == "pair", fold="fold" in mods, tma="tma" in mods, band_tma="band" in mods,
+                cols=cols[0] if cols else None, num_warps=int(w) or None, num_stages=int(s) or None)
 
 
 def main(argv=None) -> list[dict]:

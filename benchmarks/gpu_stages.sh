@@ -25,8 +25,10 @@
 #   bash benchmarks/gpu_stages.sh prof      # profile_model: a 2-layer structured model at $PROF_LENGTHS, dense eager
 #                                           # (cuDNN pinned / PyTorch's choice) vs ours, kernel by kernel, and SDPA
 #                                           # alone on contiguous vs transformers' transposed layout (~3 min)
-#   bash benchmarks/gpu_stages.sh tiles     # the kernel's paired tiles: their cuda tests, then bench_tiles (single vs
-#                                           # paired 64-key tiles, warps/stages) on the op's index, 128K + 256K (~3 min)
+#   bash benchmarks/gpu_stages.sh tiles     # the kernel's launch options: their cuda tests, then bench_tiles (the default
+#                                           # launch vs band_tma / cols / the kernel before session 12) on the op's
+#                                           # index, 128K + 256K (~3 min); benchmarks/kernel_resources.py screens
+#                                           # variants on CPU first (registers, spills, shared memory)
 #   bash benchmarks/gpu_stages.sh train     # issue 13: train the shipped retrieval model on, mostly at 128K
 #                                           # ($TRAIN_S s, seed $TRAIN_SEED; dense accuracy 16K-128K at the end),
 #                                           # weights in $OUT/train/seed*/; EVAL_AFTER=1 then evaluates them

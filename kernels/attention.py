@@ -15,7 +15,9 @@ through host-made tensor descriptors (Hopper's bulk copy engine) instead of poin
 ``pair``: two loads and two matmuls under one online-softmax update), and falls back to pointers where
 a descriptor cannot describe k/v (a padded head dim, strides or bases not 16-byte aligned). All three
 are on by default at block_m 128 and head dim 128 (``PAIR``, ``FOLD``, ``TMA``: 16-22% faster on an
-H100), off elsewhere (block_m 64: measured slower; other head dims: not measured).
+H100), off elsewhere (block_m 64: measured slower; other head dims: not measured). Two more launch
+options, off by default and not yet measured: ``band_tma`` (loop 2 through the descriptors too) and
+``cols`` (columns gathered a step in loop 3).
 q/k and v may have different head dims (MLA: 192 and 128); each is padded to a power of two
 (HEAD_DIM, HEAD_DIM_V, at least 16 for tl.dot) with masked loads, dropped when the dims are even.
 NaN/inf propagate as in dense attention: masked scores are replaced by -inf, never added to.
@@ -149,7 +151,7 @@ def _sparse_attn_kernel(
     GROUPS: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, HAS_PADDING: tl.constexpr,
-    PAIR: tl.constexpr, FOLD: tl.constexpr, TMA: tl.constexpr,
+    PAIR: tl.constexpr, FOLD: tl.constexpr, TMA: tl.constexpr, BAND_TMA: tl.constexpr, COLS: tl.constexpr,
 ):
     m = NM - 1 - tl.program_id(0)  # longest rows first
     bh = tl.program_id(1)
@@ -229,9 +231,13 @@ def _sparse_attn_kernel(
         start = tl.load(bo_ptr + i)
         cols = start + offs_n
         in_n = cols < N
-        c64 = cols.to(tl.int64)
-        k = _load_2d(k_base + c64[None, :] * stride_kn + offs_d[:, None], d_ok, in_n, PAD_D, True)
-        v = _load_2d(v_base + c64[:, None] * stride_vn + offs_dv[None, :], in_n, dv_ok, True, PAD_DV)
+        if BAND_TMA:  # through the descriptors too: rows past N read as zeros (and are masked below)
+            k = tl.trans(K_DESC.load([b32, hk32, start, 0]).reshape(BLOCK_N, HEAD_DIM))
+            v = V_DESC.load([b32, hk32, start, 0]).reshape(BLOCK_N, HEAD_DIM_V)
+        else:
+            c64 = cols.to(tl.int64)
+            k = _load_2d(k_base + c64[None, :] * stride_kn + offs_d[:, None], d_ok, in_n, PAD_D, True)
+            v = _load_2d(v_base + c64[:, None] * stride_vn + offs_dv[None, :], in_n, dv_ok, True, PAD_DV)
         qk = _scores(q, k, qk_scale, FOLD)
         ok = (cols[None, :] <= offs_m[:, None]) & in_n[None, :]
         if HAS_PADDING:
@@ -239,11 +245,8 @@ def _sparse_attn_kernel(
             ok = ok & (real[None, :] != 0)
         qk = tl.where(ok, qk, float("-inf"))
         acc, l_i, m_i = _online_update(acc, l_i, m_i, qk, v, qk_scale, FOLD)
-    # 3. single columns, BLOCK_N (PAIR: 2 * BLOCK_N) at a time; all lie left of m0
-    if PAIR:
-        offs_c = tl.arange(0, 2 * BLOCK_N)
-    else:
-        offs_c = offs_n
+    # 3. single columns, COLS at a time (BLOCK_N, or 2 * BLOCK_N with PAIR, unless told); all lie left of m0
+    offs_c = tl.arange(0, COLS)
     for c0 in range(0, n_col, offs_c.shape[0]):
         live = (c0 + offs_c) < n_col
         cols = tl.load(ci_ptr + c0 + offs_c, mask=live, other=0)
@@ -299,6 +302,15 @@ def launch_options(block_m: int, hd: int, hdv: int, pair=None, fold=None, tma=No
                  for given, default in ((pair, PAIR), (fold, FOLD), (tma, TMA)))
 
 
+def _cols(cols, pair: bool, block_n: int) -> int:
+    if cols is None:
+        return 2 * block_n if pair else block_n
+    if cols not in (16, 32, 64, 128, 256):
+        raise ValueError(f"sparse_attention: cols={cols!r}, columns gathered a step, must be one of 16, 32, 64, 128, "
+                         "256")
+    return cols
+
+
 def _descriptors(k, v, block_n, hd, hdv):
     """Tensor descriptors of k and v for loop 1 ([1, 1, block_n, D] boxes), or None where one cannot
     describe them: a padded head dim, a stride or base not 16-byte aligned, or no descriptor support."""
@@ -317,10 +329,14 @@ def _descriptors(k, v, block_n, hd, hdv):
 
 
 def sparse_attention(q, k, v, index, *, scale, block_m, block_n=64, key_padding=None,
-                     num_warps=None, num_stages=None, pair=None, fold=None, tma=None):
+                     num_warps=None, num_stages=None, pair=None, fold=None, tma=None, band_tma=False, cols=None):
     """Launcher; inputs are validated by mif_compile.kernels.api. Returns out [B, H, N, Dv].
     ``num_warps`` / ``num_stages``: default :func:`default_config`; ``pair`` / ``fold`` / ``tma``: default
-    ``PAIR`` / ``FOLD`` / ``TMA`` at block_m 128 and head dim 128, else off (module docstring)."""
+    ``PAIR`` / ``FOLD`` / ``TMA`` at block_m 128 and head dim 128, else off (module docstring).
+    ``band_tma``: loop 2's blocks through the descriptors too (with ``tma``); ``cols``: columns gathered a
+    step in loop 3 (default ``2 * block_n`` with ``pair``, else ``block_n``). Both unmeasured options: an
+    offline sm_90 compile (benchmarks/kernel_resources.py) shows that they remove the register spills of
+    the default launch."""
     B, H, N, D = q.shape
     Dv = v.shape[-1]
     groups = H // k.shape[1]
@@ -346,7 +362,8 @@ def sparse_attention(q, k, v, index, *, scale, block_m, block_n=64, key_padding=
         scale * _LOG2E, N, H, NM, bo.shape[-1], ci.shape[-1],  # caps are run-time values: no compile per length
         GROUPS=groups, D_QK=D, D_V=Dv, HEAD_DIM=hd, HEAD_DIM_V=hdv, PAD_D=hd != D, PAD_DV=hdv != Dv,
         BLOCK_M=block_m, BLOCK_N=block_n, EVEN_M=(N % block_m == 0), HAS_PADDING=key_padding is not None,
-        PAIR=pair, FOLD=fold, TMA=descs[0] is not k,
+        PAIR=pair, FOLD=fold, TMA=descs[0] is not k, BAND_TMA=bool(band_tma) and descs[0] is not k,
+        COLS=_cols(cols, pair, block_n),
         num_warps=num_warps or w, num_stages=num_stages or s,
     )
     return out

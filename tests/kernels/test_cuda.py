@@ -57,12 +57,13 @@ def test_attention_kernel_vs_reference_vs_float64(N, D, block_m, padding, dtype)
     assert_close_to_ref64(out, out_pt, ref64, atol=2e-2 if dtype == torch.bfloat16 else 2e-3)
 
 
-@pytest.mark.parametrize("pair,fold,tma,stages", [(True, False, False, 2), (True, False, False, 3),
-                                                  (False, True, False, 3), (True, True, False, 2),
-                                                  (False, False, True, 3), (False, True, True, 3),
-                                                  (True, True, True, 3)])
+@pytest.mark.parametrize("pair,fold,tma,stages,extra", [(True, False, False, 2, {}), (True, False, False, 3, {}),
+                                                        (False, True, False, 3, {}), (True, True, False, 2, {}),
+                                                        (False, False, True, 3, {}), (False, True, True, 3, {}),
+                                                        (True, True, True, 3, {}),
+                                                        (True, True, True, 3, {"band_tma": True, "cols": 64})])
 @pytest.mark.parametrize("N,D,block_m,padding", [(4096, 128, 128, False), (3001, 128, 64, True), (5000, 64, 128, True)])
-def test_paired_tiles_vs_float64(N, D, block_m, padding, pair, fold, tma, stages):
+def test_paired_tiles_vs_float64(N, D, block_m, padding, pair, fold, tma, stages, extra):
     """The kernel with ``pair=True`` (two index blocks, or 128 columns, per tile) or ``tma=True`` (descriptor
     loads) on many off-band blocks and over 128 columns a row, against float64, at both stage counts the
     benchmark tries."""
@@ -78,7 +79,7 @@ def test_paired_tiles_vs_float64(N, D, block_m, padding, pair, fold, tma, stages
     if tma:
         assert attention._descriptors(k, v, 64, D, D) is not None
     out = attention.sparse_attention(q, k, v, idx, scale=scale, block_m=block_m, key_padding=pad, pair=pair,
-                                     fold=fold, tma=tma, num_stages=stages)
+                                     fold=fold, tma=tma, num_stages=stages, **extra)
     torch.cuda.synchronize()
     out_pt = K.sparse_attention(q, k, v, idx, scale=scale, block_m=block_m, key_padding=pad, impl="reference")
     ref64 = K.sparse_attention(q.double(), k.double(), v.double(), idx, scale=scale, block_m=block_m,

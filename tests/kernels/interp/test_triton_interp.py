@@ -73,10 +73,10 @@ def test_launch_defaults_apply_where_measured():
 @example({**EDGE, "N": 641, "block_m": 128, "sink": "small", "padding": True, "B": 2, "left": 100, "seed": 9},
          torch.float16, 129, 60)
 def test_paired_tiles_vs_float64(c, dtype, n_cols, n_diags):
-    """``pair=True`` (two index blocks, or 2 * 64 columns, per tile) and ``tma=True`` (descriptor loads) attend
-    the same keys, and ``fold=True`` (the scale inside the exponent) computes the same softmax: every
-    combination against float64 on the index's mask, with many blocks off the band and more than 64 columns
-    a row."""
+    """``pair=True`` (two index blocks, or 2 * 64 columns, per tile), ``tma=True`` / ``band_tma=True``
+    (descriptor loads) and ``cols`` (columns a gather) attend the same keys, and ``fold=True`` (the scale
+    inside the exponent) computes the same softmax: combinations against float64 on the index's mask,
+    with many blocks off the band and more than 64 columns a row."""
     from mif_compile.kernels import attention
 
     c = {**c, "V": n_cols, "S": n_diags}
@@ -87,11 +87,17 @@ def test_paired_tiles_vs_float64(c, dtype, n_cols, n_diags):
     mask = full_mask(idx, c, x["key_padding"])
     ref64 = dense_masked(x["q"], x["k"], x["v"], mask, scale)
     ref = low_precision_pt(x["q"], x["k"], x["v"], mask, scale)
-    for pair, fold, tma in ((False, False, False), (True, False, False), (False, True, False), (True, True, False),
-                            (False, False, True), (False, True, True), (True, False, True), (True, True, True)):
+    for pair, fold, tma, band_tma, cols in (
+            (False, False, False, False, None), (True, False, False, False, None), (False, True, False, False, None),
+            (True, True, False, False, None), (False, False, True, False, None), (False, True, True, False, None),
+            (True, False, True, False, None), (True, True, True, False, None), (True, True, True, True, 64),
+            (False, False, True, True, 128), (False, False, False, False, 32)):
         out = attention.sparse_attention(x["q"], x["k"], x["v"], idx, scale=scale, block_m=c["block_m"],
-                                         key_padding=x["key_padding"], pair=pair, fold=fold, tma=tma)
+                                         key_padding=x["key_padding"], pair=pair, fold=fold, tma=tma,
+                                         band_tma=band_tma, cols=cols)
         assert_close_to_ref64(out, ref, ref64)
+    with pytest.raises(ValueError, match="cols=48"):
+        attention.sparse_attention(x["q"], x["k"], x["v"], idx, scale=scale, block_m=c["block_m"], cols=48)
     if c["N"] == 1200:  # the first example: odd and even block counts, more than 128 columns a row
         assert int(bc.max()) >= 6 and int(cc.max()) > 128 and len(set(bc.flatten().tolist())) > 2
         assert attention._descriptors(x["k"], x["v"], 64, c["D"], c["D"]) is not None  # tma=True took descriptors
