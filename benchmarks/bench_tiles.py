@@ -30,8 +30,8 @@ from structured import structured_qkv  # noqa: E402
 
 # the default launch first (at block_m 128, d 128: pair + fold + tma), then what the offline compile
 # (kernel_resources.py) says spills less, then the kernel before session 12
-VARIANTS = ("pair+fold+tma/0/0", "pair+fold+tma+band+c64/0/0", "pair+fold+tma+c64/0/0", "pair+fold+tma+band/0/0",
-            "single+tma+band/0/0", "pair+fold+tma/0/2", "single/0/0")
+VARIANTS = ("pair+fold+tma/0/0", "pair+fold+tma+band+c32/0/0", "pair+fold+tma+band+c64/0/0", "pair+fold+tma+c64/0/0",
+            "single+fold+tma+band+c32/0/0", "pair+fold+tma/0/2", "single/0/0")
 
 
 def parse(v: str) -> dict:

@@ -27,7 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_tiles import parse  # noqa: E402
 
 VARIANTS = ("single/0/0", "pair+fold/0/0", "pair+fold+tma/0/0", "pair+fold+tma+band/0/0", "pair+fold+tma+c64/0/0",
-            "pair+fold+tma+band+c64/0/0", "single+tma+band/0/0")
+            "pair+fold+tma+band+c64/0/0", "pair+fold+tma+band+c32/0/0", "single+tma+band/0/0",
+            "single+fold+tma+band+c32/0/0")
 H100_SHARED = 227 * 1024  # the most shared memory one block may take on an H100
 
 
