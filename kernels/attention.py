@@ -46,17 +46,30 @@ def _scores(q, k, qk_scale, FOLD: tl.constexpr):
 
 
 @triton.jit
+def _running_max(m_i, top, qk_scale, FOLD: tl.constexpr):
+    # the new running row max from ``top`` (this step's raw row max), and the max to subtract (0 where a
+    # row has seen only masked keys, so that exp2 gives 0 rather than NaN)
+    if FOLD:
+        m_new = tl.maximum(m_i, top * qk_scale)
+    else:
+        m_new = tl.maximum(m_i, top)
+    return m_new, tl.where(m_new == float("-inf"), 0.0, m_new)
+
+
+@triton.jit
+def _exp(qk, m_use, qk_scale, FOLD: tl.constexpr):
+    if FOLD:
+        return tl.math.exp2(qk * qk_scale - m_use[:, None])
+    else:
+        return tl.math.exp2(qk - m_use[:, None])
+
+
+@triton.jit
 def _online_update(acc, l_i, m_i, qk, v, qk_scale, FOLD: tl.constexpr):
     # qk: [BM, BN] in the log2 domain (FOLD: raw, scaled here inside the exponent), -inf where masked;
     # a row may be fully masked
-    if FOLD:
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk * qk_scale - m_use[:, None])
-    else:
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_use[:, None])
+    m_new, m_use = _running_max(m_i, tl.max(qk, 1), qk_scale, FOLD)
+    p = _exp(qk, m_use, qk_scale, FOLD)
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
@@ -95,12 +108,23 @@ def _off_band_tile(acc, l_i, m_i, q, cols, k_base, v_base, pad_base, stride_kn, 
 
 
 @triton.jit
+def _desc_k(k_desc, b32, hk32, start, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    # keys start .. start + BLOCK_N - 1 of a [B, Hkv, N, D] descriptor as a [D, BLOCK_N] tile (rows past N: 0)
+    return tl.trans(k_desc.load([b32, hk32, start, 0]).reshape(BLOCK_N, HEAD_DIM))
+
+
+@triton.jit
+def _desc_v(v_desc, b32, hk32, start, BLOCK_N: tl.constexpr, HEAD_DIM_V: tl.constexpr):
+    return v_desc.load([b32, hk32, start, 0]).reshape(BLOCK_N, HEAD_DIM_V)
+
+
+@triton.jit
 def _off_band_tile_tma(acc, l_i, m_i, q, start, offs_n, k_desc, v_desc, b32, hk32, pad_base, qk_scale,
                        BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                        HAS_PADDING: tl.constexpr, FOLD: tl.constexpr):
     # _off_band_tile on keys start .. start + BLOCK_N - 1 read through descriptors of [B, Hkv, N, D] k and v
-    k = tl.trans(k_desc.load([b32, hk32, start, 0]).reshape(BLOCK_N, HEAD_DIM))
-    v = v_desc.load([b32, hk32, start, 0]).reshape(BLOCK_N, HEAD_DIM_V)
+    k = _desc_k(k_desc, b32, hk32, start, BLOCK_N, HEAD_DIM)
+    v = _desc_v(v_desc, b32, hk32, start, BLOCK_N, HEAD_DIM_V)
     qk = _scores(q, k, qk_scale, FOLD)
     if HAS_PADDING:
         real = tl.load(pad_base + start + offs_n)
@@ -113,28 +137,20 @@ def _off_band_pair_tma(acc, l_i, m_i, q, start_a, start_b, offs_n, k_desc, v_des
                        BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                        HAS_PADDING: tl.constexpr, FOLD: tl.constexpr):
     # two off-band blocks through descriptors: [BM, BN] scores each, one shared running max and rescale
-    ka = tl.trans(k_desc.load([b32, hk32, start_a, 0]).reshape(BLOCK_N, HEAD_DIM))
-    kb = tl.trans(k_desc.load([b32, hk32, start_b, 0]).reshape(BLOCK_N, HEAD_DIM))
+    ka = _desc_k(k_desc, b32, hk32, start_a, BLOCK_N, HEAD_DIM)
+    kb = _desc_k(k_desc, b32, hk32, start_b, BLOCK_N, HEAD_DIM)
     qa = _scores(q, ka, qk_scale, FOLD)
     qb = _scores(q, kb, qk_scale, FOLD)
     if HAS_PADDING:
         qa = tl.where(tl.load(pad_base + start_a + offs_n)[None, :] != 0, qa, float("-inf"))
         qb = tl.where(tl.load(pad_base + start_b + offs_n)[None, :] != 0, qb, float("-inf"))
-    top = tl.maximum(tl.max(qa, 1), tl.max(qb, 1))
-    if FOLD:
-        m_new = tl.maximum(m_i, top * qk_scale)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        pa = tl.math.exp2(qa * qk_scale - m_use[:, None])
-        pb = tl.math.exp2(qb * qk_scale - m_use[:, None])
-    else:
-        m_new = tl.maximum(m_i, top)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        pa = tl.math.exp2(qa - m_use[:, None])
-        pb = tl.math.exp2(qb - m_use[:, None])
+    m_new, m_use = _running_max(m_i, tl.maximum(tl.max(qa, 1), tl.max(qb, 1)), qk_scale, FOLD)
+    pa = _exp(qa, m_use, qk_scale, FOLD)
+    pb = _exp(qb, m_use, qk_scale, FOLD)
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(pa, 1) + tl.sum(pb, 1)
-    va = v_desc.load([b32, hk32, start_a, 0]).reshape(BLOCK_N, HEAD_DIM_V)
-    vb = v_desc.load([b32, hk32, start_b, 0]).reshape(BLOCK_N, HEAD_DIM_V)
+    va = _desc_v(v_desc, b32, hk32, start_a, BLOCK_N, HEAD_DIM_V)
+    vb = _desc_v(v_desc, b32, hk32, start_b, BLOCK_N, HEAD_DIM_V)
     acc = tl.dot(pa.to(va.dtype), va, acc * alpha[:, None])
     acc = tl.dot(pb.to(vb.dtype), vb, acc)
     return acc, l_i, m_new
@@ -232,8 +248,8 @@ def _sparse_attn_kernel(
         cols = start + offs_n
         in_n = cols < N
         if BAND_TMA:  # through the descriptors too: rows past N read as zeros (and are masked below)
-            k = tl.trans(K_DESC.load([b32, hk32, start, 0]).reshape(BLOCK_N, HEAD_DIM))
-            v = V_DESC.load([b32, hk32, start, 0]).reshape(BLOCK_N, HEAD_DIM_V)
+            k = _desc_k(K_DESC, b32, hk32, start, BLOCK_N, HEAD_DIM)
+            v = _desc_v(V_DESC, b32, hk32, start, BLOCK_N, HEAD_DIM_V)
         else:
             c64 = cols.to(tl.int64)
             k = _load_2d(k_base + c64[None, :] * stride_kn + offs_d[:, None], d_ok, in_n, PAD_D, True)
@@ -350,11 +366,10 @@ def sparse_attention(q, k, v, index, *, scale, block_m, block_n=64, key_padding=
     w, s = default_config(block_m, max(hd, hdv))
     pair, fold, tma = launch_options(block_m, hd, hdv, pair, fold, tma)
     descs = _descriptors(k, v, block_n, hd, hdv) if tma else None
-    if descs is None:
-        descs = (k, v)  # unused: TMA off
+    use_tma = descs is not None
     grid = (NM, B * H)
     _sparse_attn_kernel[grid](
-        q, k, v, out, bc, bo, cc, ci, pad, *descs,
+        q, k, v, out, bc, bo, cc, ci, pad, *(descs if use_tma else (k, v)),  # (k, v): unused without TMA
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -362,7 +377,7 @@ def sparse_attention(q, k, v, index, *, scale, block_m, block_n=64, key_padding=
         scale * _LOG2E, N, H, NM, bo.shape[-1], ci.shape[-1],  # caps are run-time values: no compile per length
         GROUPS=groups, D_QK=D, D_V=Dv, HEAD_DIM=hd, HEAD_DIM_V=hdv, PAD_D=hd != D, PAD_DV=hdv != Dv,
         BLOCK_M=block_m, BLOCK_N=block_n, EVEN_M=(N % block_m == 0), HAS_PADDING=key_padding is not None,
-        PAIR=pair, FOLD=fold, TMA=descs[0] is not k, BAND_TMA=bool(band_tma) and descs[0] is not k,
+        PAIR=pair, FOLD=fold, TMA=use_tma, BAND_TMA=bool(band_tma) and use_tma,
         COLS=_cols(cols, pair, block_n),
         num_warps=num_warps or w, num_stages=num_stages or s,
     )
