@@ -221,6 +221,7 @@ def main() -> None:
             break
 
     rows = []
+    weights_gb = sum(t.numel() * t.element_size() for t in model.parameters()) / 1e9
     print(f"{'N':>8} {'run':>18} {'TTFT s':>9} {'peak GB':>8} {'cache keys':>10} {'cache GB':>8} {'decode tok/s':>12}",
           flush=True)
     for n in lengths:
@@ -233,7 +234,12 @@ def main() -> None:
                        compile_s=compile_s[name], warm_len=warm_len, error=None)
             cache = None
             _peak_reset(device)
+            full_gb = _full_cache_gb(model.config, n)
             try:
+                if name == "dense" and device == "cuda" and full_gb + weights_gb > _gpu_gb():
+                    # (session 6: the attempt at 1M ran several layers of dense prefill before it ran out)
+                    raise torch.OutOfMemoryError(f"not attempted: the full cache ({full_gb:.1f} GB) and the weights "
+                                                 f"({weights_gb:.1f} GB) exceed the GPU's {_gpu_gb():.1f} GB")
                 with sdpa_ctx():
                     row["ttft_s"], (tok, cache) = _time(lambda: r.prefill(ids), args.repeats, device)
                 row["peak_gb"] = _peak_gb(device)
@@ -245,6 +251,8 @@ def main() -> None:
                 if not _oom(e):
                     raise
                 row["error"] = "out of memory" + (" in decode" if row["ttft_s"] == row["ttft_s"] else " in prefill")
+                if str(e).startswith("not attempted"):
+                    row["error"] = f"out of memory, {e}"
             cache = tok = None
             if name == "dense" and row["ttft_s"] != row["ttft_s"]:
                 row["ttft_s"], how = _per_layer_dense(model, ids, layers, tiny, args.repeats, device)
@@ -264,6 +272,16 @@ def main() -> None:
     with open(path, "w") as f:
         json.dump(rows, f, indent=1)
     print(f"# wrote {path}")
+
+
+def _full_cache_gb(cfg, n: int) -> float:
+    """GB of a full bf16 k/v cache of every layer at ``n`` tokens (batch 1)."""
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return cfg.num_hidden_layers * 2 * n * cfg.num_key_value_heads * d * 2 / 1e9
+
+
+def _gpu_gb() -> float:
+    return torch.cuda.get_device_properties(0).total_memory / 1e9
 
 
 def _per_layer_dense(model, ids, layers: int, tiny: bool, repeats: int, device):

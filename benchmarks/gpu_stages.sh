@@ -21,7 +21,8 @@
 #   bash benchmarks/gpu_stages.sh kv        # bench_snapkv at 1M alone (dense estimated, sparse + kv_budget):
 #                                           # session 7's 330 s step did not finish it (157 s compile)
 #   bash benchmarks/gpu_stages.sh kv512     # bench_snapkv at 256K + 512K (dense, sparse, sparse + kv_budget),
-#                                           # eager like kv (--no-inductor)
+#                                           # eager like kv (--no-inductor); KV_ARGS replaces it in both
+#                                           # (e.g. "--no-inductor --mass 0.99 --skip sparse dense")
 #   bash benchmarks/gpu_stages.sh prof      # profile_model: a 2-layer structured model at $PROF_LENGTHS, dense eager
 #                                           # (cuDNN pinned / PyTorch's choice) vs ours, kernel by kernel, and SDPA
 #                                           # alone on contiguous vs transformers' transposed layout (~3 min)
@@ -87,11 +88,11 @@ case $stage in
     # KV_ARGS="--warm-len 262144 --mass 0.99": through Inductor, warmed up past its 32-bit-index guard
     timeout $(( $(left) - 5 )) python3 benchmarks/bench_snapkv.py --structured mixed --lengths 1048576 --budgets 4096 \
       --skip sparse --decode-tokens 16 ${KV_ARGS:---no-inductor} --out "$d" --tag "_1m$TAG" 2>&1 | grep -v -i warn \
-      | tee "$d/kv_1m.log" | tail -30 ;;
+      | tee "$d/kv_1m$TAG.log" | tail -30 ;;
   kv512)
     timeout $(( $(left) - 5 )) python3 benchmarks/bench_snapkv.py --structured mixed --lengths ${KV_LENGTHS:-262144 524288} \
-      --budgets 4096 --decode-tokens 16 --no-inductor --out "$d" --tag "_512k$TAG" 2>&1 | grep -v -i warn \
-      | tee "$d/kv_512k.log" | tail -30 ;;
+      --budgets 4096 --decode-tokens 16 ${KV_ARGS:---no-inductor} --out "$d" --tag "_512k$TAG" 2>&1 | grep -v -i warn \
+      | tee "$d/kv_512k$TAG.log" | tail -30 ;;
   prof)
     timeout $(( $(left) - 5 )) $PYK benchmarks/profile_model.py --lengths $PROF_LENGTHS --layers 2 \
       --modes ${PROF_MODES:-default,fixed} --out "$d" --tag "$TAG" 2>&1 | grep -v -i "warn\|USDT" | tee "$d/prof.log" | tail -90 ;;
