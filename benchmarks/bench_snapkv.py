@@ -139,6 +139,9 @@ def main() -> None:
     p.add_argument("--decode-tokens", type=int, default=None, help="timed decode steps (default 32, --tiny 4)")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--skip", nargs="*", default=[], choices=["dense", "sparse"], help="runs to leave out")
+    p.add_argument("--dense-estimate", action="store_true",
+                   help="dense TTFT from one layer only (a 1-layer model x the layer count) at every length, "
+                        "to save device time; the sparse run without kv_budget measures decode on the full cache")
     p.add_argument("--no-inductor", action="store_true", help="run the rewritten graphs eagerly")
     p.add_argument("--warm-len", type=int, default=None,
                    help="warm-up (compile) length, default the op's min_seq_len 32768 (--tiny: 256). Inductor guards "
@@ -236,7 +239,9 @@ def main() -> None:
             _peak_reset(device)
             full_gb = _full_cache_gb(model.config, n)
             try:
-                if name == "dense" and device == "cuda" and full_gb + weights_gb > _gpu_gb():
+                if name == "dense" and args.dense_estimate:
+                    raise torch.OutOfMemoryError("not attempted: --dense-estimate")
+                if budget is None and device == "cuda" and full_gb + weights_gb > _gpu_gb():
                     # (session 6: the attempt at 1M ran several layers of dense prefill before it ran out)
                     raise torch.OutOfMemoryError(f"not attempted: the full cache ({full_gb:.1f} GB) and the weights "
                                                  f"({weights_gb:.1f} GB) exceed the GPU's {_gpu_gb():.1f} GB")
@@ -251,7 +256,9 @@ def main() -> None:
                 if not _oom(e):
                     raise
                 row["error"] = "out of memory" + (" in decode" if row["ttft_s"] == row["ttft_s"] else " in prefill")
-                if str(e).startswith("not attempted"):
+                if str(e).startswith("not attempted: --"):
+                    row["error"] = str(e)
+                elif str(e).startswith("not attempted"):
                     row["error"] = f"out of memory, {e}"
             cache = tok = None
             if name == "dense" and row["ttft_s"] != row["ttft_s"]:
@@ -265,7 +272,7 @@ def main() -> None:
                   + (f"  ({row['error']})" if row["error"] else ""), flush=True)
             _peak_reset(device)
         del ids
-    print("# * = estimated (the whole model did not fit): a 1-layer model's dense prefill, or one layer's SDPA alone, "
+    print("# * = estimated (the whole model did not fit, or --dense-estimate): a 1-layer model's dense prefill, or one layer's SDPA alone, "
           "x the layer count; see each row's ttft_estimated")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"bench_snapkv{args.tag}.json")

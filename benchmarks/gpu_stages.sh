@@ -23,6 +23,8 @@
 #   bash benchmarks/gpu_stages.sh kv512     # bench_snapkv at 256K + 512K (dense, sparse, sparse + kv_budget),
 #                                           # eager like kv (--no-inductor); KV_ARGS replaces it in both
 #                                           # (e.g. "--no-inductor --mass 0.99 --skip sparse dense")
+#   bash benchmarks/gpu_stages.sh kvall     # bench_snapkv at 256K, 512K and 1M in one run (dense from one layer x 32,
+#                                           # sparse with the full cache where it fits, sparse + kv_budget=4096)
 #   bash benchmarks/gpu_stages.sh prof      # profile_model: a 2-layer structured model at $PROF_LENGTHS, dense eager
 #                                           # (cuDNN pinned / PyTorch's choice) vs ours, kernel by kernel, and SDPA
 #                                           # alone on contiguous vs transformers' transposed layout (~3 min)
@@ -43,7 +45,7 @@ MASSES=${MASSES:-0.98 0.99 1.0}
 MODEL_MASSES=${MODEL_MASSES:-1.0}  # one mass: two did not fit a call in session 6 (session 7: 0.99)
 MODEL_BLOCK_M=${MODEL_BLOCK_M:-128}  # "128 64": each mass row at both query blocks (one more row: may not fit)
 EVAL_ARGS=${EVAL_ARGS:-}  # e.g. "--adaptive 0.99" (session 7: ours was fixed, ours_adaptive 1.0)
-TAG=${TAG:-_s12}
+TAG=${TAG:-_s13}
 BLOCKM_LENGTHS=${BLOCKM_LENGTHS:-131072 262144}
 PROFILE_LENGTHS=${PROFILE_LENGTHS:-131072 262144 1048576}
 TRAIN_S=${TRAIN_S:-480}
@@ -93,6 +95,12 @@ case $stage in
     timeout $(( $(left) - 5 )) python3 benchmarks/bench_snapkv.py --structured mixed --lengths ${KV_LENGTHS:-262144 524288} \
       --budgets 4096 --decode-tokens 16 ${KV_ARGS:---no-inductor} --out "$d" --tag "_512k$TAG" 2>&1 | grep -v -i warn \
       | tee "$d/kv_512k$TAG.log" | tail -30 ;;
+  kvall)
+    # 256K, 512K, 1M in one run: dense from one layer x 32 (--dense-estimate), sparse with the full cache where it
+    # fits (its decode is the full cache's), sparse + kv_budget=4096; eager graphs
+    timeout $(( $(left) - 5 )) python3 benchmarks/bench_snapkv.py --structured mixed --lengths ${KV_LENGTHS:-262144 524288 1048576} \
+      --budgets 4096 --decode-tokens 16 --dense-estimate ${KV_ARGS:---no-inductor} --out "$d" --tag "_all$TAG" 2>&1 \
+      | grep -v -i warn | tee "$d/kv_all$TAG.log" | tail -30 ;;
   prof)
     timeout $(( $(left) - 5 )) $PYK benchmarks/profile_model.py --lengths $PROF_LENGTHS --layers 2 \
       --modes ${PROF_MODES:-default,fixed} --out "$d" --tag "$TAG" 2>&1 | grep -v -i "warn\|USDT" | tee "$d/prof.log" | tail -90 ;;
