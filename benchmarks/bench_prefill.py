@@ -79,6 +79,7 @@ def main() -> None:
     p.add_argument("--compiled-dense", action="store_true", help="also time torch.compile(model) dense")
     p.add_argument("--structured", nargs="?", const="mixed", default=None, help="structured attention mix")
     p.add_argument("--mass", type=float, nargs="*", default=[], help="mass targets of the adaptive index")
+    p.add_argument("--no-fixed", action="store_true", help="leave out the row 'vs' (the fixed budgets)")
     p.add_argument("--block-m", type=int, nargs="+", default=[128], choices=[64, 128],
                    help="query blocks of the index and kernel for the --mass rows (64: rows named vs-massM@bm64)")
     args = p.parse_args()
@@ -106,8 +107,9 @@ def main() -> None:
     compiled = {}
     for name in args.plans:
         fixed = {"mass": "fixed"} if name == "vs" else {}  # row "vs": MInference's fixed budgets
-        compiled[name] = torch.compile(model, backend=mif_compile.backend(default_pattern=plans[name], **fixed),
-                                       dynamic=True)
+        if not (name == "vs" and args.no_fixed):
+            compiled[name] = torch.compile(model, backend=mif_compile.backend(default_pattern=plans[name], **fixed),
+                                           dynamic=True)
         if name == "vs":
             for m in args.mass:  # the adaptive index (1.0 at block_m 128: the backend's default)
                 for bm in args.block_m:

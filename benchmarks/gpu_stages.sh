@@ -78,7 +78,7 @@ case $stage in
       --mass $MASSES --out "$d" --tag "_random$TAG" 2>&1 | grep -v -i warn | tee "$d/random.log" | tail -12 ;;
   model)
     timeout $(( $(left) - 5 )) $PYK benchmarks/bench_prefill.py --structured mixed --layers 32 \
-      --lengths ${MODEL_LENGTHS:-131072 262144} --plans vs --mass $MODEL_MASSES --block-m $MODEL_BLOCK_M --out "$d" --tag "$TAG" 2>&1 | grep -v -i warn \
+      --lengths ${MODEL_LENGTHS:-131072 262144} --plans vs --mass $MODEL_MASSES --block-m $MODEL_BLOCK_M ${MODEL_ARGS:-} --out "$d" --tag "$TAG" 2>&1 | grep -v -i warn \
       | tee "$d/model.log" | tail -40 ;;
   model512)
     timeout $(( $(left) - 5 )) $PYK benchmarks/bench_prefill.py --structured mixed --layers 32 \
