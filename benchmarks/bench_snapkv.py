@@ -142,6 +142,10 @@ def main() -> None:
     p.add_argument("--dense-estimate", action="store_true",
                    help="dense TTFT from one layer only (a 1-layer model x the layer count) at every length, "
                         "to save device time; the sparse run without kv_budget measures decode on the full cache")
+    p.add_argument("--decode-sdpa", choices=["default", "cudnn"], default="default",
+                   help="SDPA backend of the decode steps: PyTorch's choice (default) or cuDNN as in prefill. cuDNN "
+                        "runs one query row per (batch, head) tile, likely a poor decode kernel (session 13's runs "
+                        "used it for decode)")
     p.add_argument("--no-inductor", action="store_true", help="run the rewritten graphs eagerly")
     p.add_argument("--warm-len", type=int, default=None,
                    help="warm-up (compile) length, default the op's min_seq_len 32768 (--tiny: 256). Inductor guards "
@@ -192,6 +196,11 @@ def main() -> None:
 
         return nullcontext() if tiny else sdpa_kernel([SDPBackend.CUDNN_ATTENTION])
 
+    def decode_ctx():
+        from contextlib import nullcontext
+
+        return sdpa_ctx() if args.decode_sdpa == "cudnn" else nullcontext()
+
     runs = {}
     if "dense" not in args.skip:
         runs["dense"] = (None, Runner(model, model, device))
@@ -209,6 +218,7 @@ def main() -> None:
         t0 = time.perf_counter()
         with sdpa_ctx():
             tok, cache = r.prefill(warm)
+        with decode_ctx():
             r.decode(tok, cache, warm_len, 2)
         _sync(device)
         compile_s[name] = time.perf_counter() - t0
@@ -234,6 +244,7 @@ def main() -> None:
                        layers=layers, seq_len=n, run=name.rstrip("0123456789") if budget else name, kv_budget=budget,
                        structured=args.structured, mass=args.mass, ttft_s=NAN, ttft_estimated=False, peak_gb=NAN,
                        cache_keys_per_layer=None, cache_gb=NAN, decode_tok_s=NAN, decode_steps=steps,
+                       decode_sdpa=args.decode_sdpa,
                        compile_s=compile_s[name], warm_len=warm_len, error=None)
             cache = None
             _peak_reset(device)
@@ -250,7 +261,7 @@ def main() -> None:
                 row["peak_gb"] = _peak_gb(device)
                 keys, gb = _cache_facts(cache)
                 row["cache_keys_per_layer"], row["cache_gb"] = keys[0] if len(set(keys)) == 1 else keys, gb
-                with sdpa_ctx():
+                with decode_ctx():
                     row["decode_tok_s"] = r.decode(tok, cache, n, steps)
             except (torch.OutOfMemoryError, RuntimeError) as e:
                 if not _oom(e):
