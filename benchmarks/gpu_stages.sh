@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_stages.sh tests     # every cuda-marked test alone
 #   bash benchmarks/gpu_stages.sh op        # cuda tests of the index, bench_structured (fixed vs each of
 #                                           # $MASSES, 4 mixes, 128K-1M)
+#   bash benchmarks/gpu_stages.sh mixed     # the whole op on `mixed`, 128K-1M, fixed / 1.0 / 0.99, no tests (~3 min)
 #   bash benchmarks/gpu_stages.sh profile   # the index stage by stage (estimate, fixed, select, choice, build)
 #                                           # and kernel by kernel, fixed / 1.0 / 0.99, eager and with
 #                                           # ops.compile_index() (+ic), 128K 256K 1M (~2 min)
@@ -67,6 +68,10 @@ case $stage in
     timeout 240 python3 -m pytest -q -p no:cacheprovider -m cuda tests 2>&1 | tail -15 | tee "$d/tests.log"
     timeout $(( $(left) - 5 )) $PYK benchmarks/bench_structured.py --mixes mixed local slash vertical \
       --mass $MASSES --out "$d" --tag "$TAG" 2>&1 | grep -v -i warn | tee "$d/op.log" | tail -75 ;;
+  mixed)
+    # the whole op on `mixed` with today's kernel defaults at 128K-1M: fixed, mass 1.0 (the default) and 0.99
+    timeout $(( $(left) - 5 )) python3 benchmarks/bench_structured.py --mixes mixed --lengths ${MIXED_LENGTHS:-131072 262144 524288 1048576} \
+      --mass 1.0 0.99 --out "$d" --tag "_mixed$TAG" 2>&1 | grep -v -i warn | tee "$d/mixed.log" | tail -12 ;;
   profile)
     timeout $(( $(left) - 5 )) python3 benchmarks/profile_index.py --lengths $PROFILE_LENGTHS --index-compile \
       --out "$d" --tag "$TAG" 2>&1 | grep -v -i "warn\|USDT" | tee "$d/profile.log" | tail -60 ;;
