@@ -29,6 +29,7 @@ import json
 import os
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 
@@ -190,16 +191,11 @@ def main() -> None:
         return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(n)).to(device)
 
     def sdpa_ctx():
-        from contextlib import nullcontext
-
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         return nullcontext() if tiny else sdpa_kernel([SDPBackend.CUDNN_ATTENTION])
 
-    def decode_ctx():
-        from contextlib import nullcontext
-
-        return sdpa_ctx() if args.decode_sdpa == "cudnn" else nullcontext()
+    decode_ctx = sdpa_ctx if args.decode_sdpa == "cudnn" else nullcontext
 
     runs = {}
     if "dense" not in args.skip:
@@ -235,6 +231,7 @@ def main() -> None:
 
     rows = []
     weights_gb = sum(t.numel() * t.element_size() for t in model.parameters()) / 1e9
+    gpu_gb = torch.cuda.get_device_properties(0).total_memory / 1e9 if device == "cuda" else float("inf")
     print(f"{'N':>8} {'run':>18} {'TTFT s':>9} {'peak GB':>8} {'cache keys':>10} {'cache GB':>8} {'decode tok/s':>12}",
           flush=True)
     for n in lengths:
@@ -248,29 +245,26 @@ def main() -> None:
                        compile_s=compile_s[name], warm_len=warm_len, error=None)
             cache = None
             _peak_reset(device)
-            full_gb = _full_cache_gb(model.config, n)
-            try:
-                if name == "dense" and args.dense_estimate:
-                    raise torch.OutOfMemoryError("not attempted: --dense-estimate")
-                if budget is None and device == "cuda" and full_gb + weights_gb > _gpu_gb():
-                    # (session 6: the attempt at 1M ran several layers of dense prefill before it ran out)
-                    raise torch.OutOfMemoryError(f"not attempted: the full cache ({full_gb:.1f} GB) and the weights "
-                                                 f"({weights_gb:.1f} GB) exceed the GPU's {_gpu_gb():.1f} GB")
-                with sdpa_ctx():
-                    row["ttft_s"], (tok, cache) = _time(lambda: r.prefill(ids), args.repeats, device)
-                row["peak_gb"] = _peak_gb(device)
-                keys, gb = _cache_facts(cache)
-                row["cache_keys_per_layer"], row["cache_gb"] = keys[0] if len(set(keys)) == 1 else keys, gb
-                with decode_ctx():
-                    row["decode_tok_s"] = r.decode(tok, cache, n, steps)
-            except (torch.OutOfMemoryError, RuntimeError) as e:
-                if not _oom(e):
-                    raise
-                row["error"] = "out of memory" + (" in decode" if row["ttft_s"] == row["ttft_s"] else " in prefill")
-                if str(e).startswith("not attempted: --"):
-                    row["error"] = str(e)
-                elif str(e).startswith("not attempted"):
-                    row["error"] = f"out of memory, {e}"
+            full_gb = _full_cache_gb(model.config, n) if budget is None else 0.0
+            if name == "dense" and args.dense_estimate:
+                row["error"] = "not attempted: --dense-estimate"
+            elif full_gb + weights_gb > gpu_gb:
+                # (session 6: the attempt at 1M ran several layers of dense prefill before it ran out)
+                row["error"] = (f"out of memory, not attempted: the full cache ({full_gb:.1f} GB) and the weights "
+                                f"({weights_gb:.1f} GB) exceed the GPU's {gpu_gb:.1f} GB")
+            else:
+                try:
+                    with sdpa_ctx():
+                        row["ttft_s"], (tok, cache) = _time(lambda: r.prefill(ids), args.repeats, device)
+                    row["peak_gb"] = _peak_gb(device)
+                    keys, gb = _cache_facts(cache)
+                    row["cache_keys_per_layer"], row["cache_gb"] = keys[0] if len(set(keys)) == 1 else keys, gb
+                    with decode_ctx():
+                        row["decode_tok_s"] = r.decode(tok, cache, n, steps)
+                except (torch.OutOfMemoryError, RuntimeError) as e:
+                    if not _oom(e):
+                        raise
+                    row["error"] = "out of memory" + (" in decode" if row["ttft_s"] == row["ttft_s"] else " in prefill")
             cache = tok = None
             if name == "dense" and row["ttft_s"] != row["ttft_s"]:
                 row["ttft_s"], how = _per_layer_dense(model, ids, layers, tiny, args.repeats, device)
@@ -298,16 +292,10 @@ def _full_cache_gb(cfg, n: int) -> float:
     return cfg.num_hidden_layers * 2 * n * cfg.num_key_value_heads * d * 2 / 1e9
 
 
-def _gpu_gb() -> float:
-    return torch.cuda.get_device_properties(0).total_memory / 1e9
-
-
 def _per_layer_dense(model, ids, layers: int, tiny: bool, repeats: int, device):
     """(seconds x ``layers``, how): one decoder layer's dense prefill (a 1-layer model of the same
     shape, eager cuDNN SDPA, no cache), or where even that does not fit, one layer's causal SDPA alone
     (random q/k/v of the layer's shape, k/v repeated for GQA); (nan, ...) when neither fits."""
-    from contextlib import nullcontext
-
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     ctx = nullcontext if tiny else (lambda: sdpa_kernel([SDPBackend.CUDNN_ATTENTION]))
