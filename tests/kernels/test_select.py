@@ -239,3 +239,27 @@ def test_rows_that_reach_no_mass_do_not_buy_groups(monkeypatch):
         assert kept == diagonal and share >= m
     monkeypatch.setattr(select, "R_FLOOR", 0.0)
     assert groups(0.99)[0] > diagonal
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 5000), rows=st.integers(1, 3), chunk=st.sampled_from([1, 7, 64, 1024]),
+       dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**31 - 1))
+@example(n=131072, rows=2, chunk=1024, dtype=torch.float32, seed=0)
+def test_prefix_sum_is_a_float64_scan(n, rows, chunk, dtype, seed):
+    """The selection's chunked scan: float64 cumsum's values in the input's dtype (within one rounding of
+    the result and float64's summation error), rows independent, on lengths that are and are not a
+    multiple of the chunk."""
+    from mif_compile.kernels.select import prefix_sum
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(rows, n, generator=g, dtype=torch.float64).to(dtype)
+    x[0, :: max(1, n // 3)] = 0.0  # zeros and a heavy entry, as scores have
+    x[-1, n // 2] = 1e3
+    out = prefix_sum(x, chunk=chunk)
+    want = x.double().cumsum(-1)
+    assert out.shape == x.shape and out.dtype == dtype
+    # one rounding to the output dtype (float32) plus float64's accumulated error of any summation order
+    tol = want.abs() * (torch.finfo(dtype).eps * (dtype == torch.float32) + n * torch.finfo(torch.float64).eps)
+    assert ((out.double() - want).abs() <= tol).all()
+    if dtype == torch.float32:  # the CPU's own float32 scan accumulates in float64: the same values
+        assert (prefix_sum(x) == x.cumsum(-1)).float().mean() > 0.999
