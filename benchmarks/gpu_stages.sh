@@ -15,6 +15,8 @@
 # (e.g. "--block-m 128 64 --variants single/0/0 pair+fold+tma/0/0").
 #   bash benchmarks/gpu_stages.sh blockm    # block_m 64 vs 128 (index and kernel), mixed, 128K + 256K, fixed,
 #                                           # 1.0, 0.99: CPU says 15% fewer pairs at 64 (~3 min)
+#   bash benchmarks/gpu_stages.sh index     # the index's cuda tests, profile_index 128K + 1M, the op on mixed 128K-1M and
+#                                           # on random q/k at 128K (~8 min)
 #   bash benchmarks/gpu_stages.sh random    # random q/k at 128K + 512K, each of $MASSES (never slower)
 #   bash benchmarks/gpu_stages.sh model     # whole model, 32 layers, structured mixed, 128K + 256K, dense,
 #                                           # fixed ("vs") and $MODEL_MASSES (1.0: the default options)
@@ -75,6 +77,18 @@ case $stage in
   profile)
     timeout $(( $(left) - 5 )) python3 benchmarks/profile_index.py --lengths $PROFILE_LENGTHS --index-compile \
       --out "$d" --tag "$TAG" 2>&1 | grep -v -i "warn\|USDT" | tee "$d/profile.log" | tail -60 ;;
+  index)
+    # session 14's index changes: their cuda tests, the index's device time kernel by kernel (128K, 1M), the whole op
+    # on mixed 128K-1M (fixed, 1.0, 0.99) and random q/k at 128K (the dense fallback through cuDNN)
+    timeout 170 python3 -m pytest -q -p no:cacheprovider -m cuda tests/kernels/test_cuda.py tests/backend/test_cuda_adaptive.py \
+      tests/backend/test_cuda_backend.py -k "estimation or adaptive or selection or dense_fallback or full_budget" 2>&1 \
+      | tail -8 | tee "$d/tests.log"
+    timeout 100 python3 benchmarks/profile_index.py --lengths 131072 1048576 --modes 1.0 --out "$d" --tag "$TAG" 2>&1 \
+      | grep -v -i "warn\|USDT" | tee "$d/profile.log" | tail -16
+    timeout $(( $(left) - 75 )) python3 benchmarks/bench_structured.py --mixes mixed --lengths ${MIXED_LENGTHS:-131072 262144 524288 1048576} \
+      --mass 1.0 0.99 --out "$d" --tag "_mixed$TAG" 2>&1 | grep -v -i warn | tee "$d/mixed.log" | tail -12
+    timeout $(( $(left) - 5 )) python3 benchmarks/bench_structured.py --mixes random --lengths 131072 \
+      --mass 1.0 --out "$d" --tag "_random$TAG" 2>&1 | grep -v -i warn | tee "$d/random.log" | tail -6 ;;
   blockm)
     timeout $(( $(left) - 5 )) python3 benchmarks/bench_structured.py --mixes mixed --lengths $BLOCKM_LENGTHS \
       --mass 1.0 0.99 --block-m 128 64 --out "$d" --tag "_blockm$TAG" 2>&1 | grep -v -i warn | tee "$d/blockm.log" | tail -12 ;;

@@ -45,3 +45,19 @@ def test_op_triton_equals_reference_on_the_same_index():
     pt = K.sparse_attention(q, k, v, idx, scale=128 ** -0.5, block_m=128, impl="reference")
     assert_close_to_ref64(out, pt, ref64)
     assert float(ops.kept_density(idx, n, 128)) < 0.2
+
+
+def test_selection_on_the_gpu_equals_the_cpu():
+    """The selection is one torch code path on both devices (its scans in float64 chunks, kernels/select.py):
+    on the GPU's own scores at 128K it keeps the CPU's columns and groups, and the same share."""
+    n = 131072
+    q, k, _ = _inputs(n, seed=5)
+    col, diag = K.vertical_slash_scores(q, k, last_q=64, scale=128 ** -0.5)
+    args = dict(last_q=64, v_max=1000, s_max=6096)
+    gpu = K.vertical_slash_select(col, diag, 1000, 6096, 0.99, **args)
+    cpu = K.vertical_slash_select(col.cpu(), diag.cpu(), 1000, 6096, 0.99, **args)
+    torch.testing.assert_close(gpu[2].cpu(), cpu[2], rtol=0, atol=1e-4)
+    for a, b in zip(gpu[:2], cpu[:2]):
+        for h in range(a.shape[1]):
+            sa, sb = set(a[0, h].cpu().tolist()) - {-1}, set(b[0, h].tolist()) - {-1}
+            assert len(sa ^ sb) <= 0.01 * max(1, len(sa | sb)), (h, len(sa ^ sb), len(sa | sb))
