@@ -38,7 +38,7 @@ from profile_index import kernel_table  # noqa: E402
 KINDS = (
     ("sdpa", ("cudnn", "fmha", "flash", "attention_kernel", "scaled_dot_product", "sm90_xmma_fprop", "mem_eff")),
     ("ours_attn", ("_sparse_attn_kernel",)),
-    ("ours_index", ("_row_stats_kernel", "_combine_kernel", "_col_diag_kernel", "_vs_index_kernel")),
+    ("ours_index", ("_row_stats_kernel", "_col_diag_kernel", "_vs_index_kernel")),
     ("inductor", ("triton_",)),
     ("gemm", ("gemm", "nvjet", "cutlass", "sm90", "sm80", "xmma", "aten::mm", "aten::addmm", "aten::linear",
               "aten::matmul", "aten::bmm")),

@@ -1,17 +1,14 @@
 """Triton vertical-slash estimation (contract section 1): column and diagonal sums of the softmax
 of the last `last_q` queries, without the [last_q, N] score matrix.
 
-Three launches, gridded (batch * head, ...) with the head index fastest, so the query heads of one
-GQA group read the same K tile while it is in L2:
+Two launches, both gridded (batch * head, key tiles) with the head index fastest, so the
+query heads of one GQA group read the same K tile while it is in L2:
   pass 1 (_row_stats_kernel): per split of the keys, the row max and row sum (log2 domain);
-  combine (_combine_kernel): one program per (batch, head) merges the splits into each row's max
-          and 1 / sum (done once, not by every tile of pass 2: at 128K its [64 splits x 64 rows]
-          statistics read and exponentiated by each of 2048 tiles were most of pass 2's time);
-  pass 2 (_col_diag_kernel): tile t owns the diagonal offsets [64 t, 64 t + 64) and the key
-          columns [N - 64 (t + 1), N - 64 t); a program takes TILES consecutive tiles with its
-          queries loaded once. A tile recomputes the probabilities of the KW = next_pow2(BQ + 64)
-          keys that end at N - 64 t, sums the last 64 columns, and skews the tile with tl.gather so
-          each diagonal is a column sum: no atomics, every output written exactly once.
+  pass 2 (_col_diag_kernel): combine the splits, then tile t owns the diagonal offsets
+          [64 t, 64 t + 64) and the key columns [N - 64 (t + 1), N - 64 t). It recomputes the
+          probabilities of the KW = next_pow2(BQ + 64) keys that end at N - 64 t, sums the
+          last 64 columns, and skews the tile with tl.gather so each diagonal is a column sum:
+          no atomics, every output written exactly once.
 Head dims that are not a power of two (MLA's 192) are padded to one (at least 16) with masked loads.
 Caveat: pass 2 computes QK^T for KW keys per 64 outputs, so K is read about three times in all.
 """
@@ -88,10 +85,17 @@ def _row_stats_kernel(
 
 
 @triton.jit
-def _combine_kernel(Mx, Lx, Mr, Ir, BQ: tl.constexpr, SPLIT: tl.constexpr):
-    # program (batch * head): each row's max over the splits (0 for a row that sees no key) and 1 / sum
-    bh = tl.program_id(0)
-    r = tl.arange(0, BQ)
+def _col_diag_kernel(
+    Q, K, PAD, PEND, Mx, Lx, Col, Diag,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    qk_scale, N, QL, H,
+    D_QK: tl.constexpr, GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BQ: tl.constexpr, KW: tl.constexpr,
+    TILE_O: tl.constexpr, SPLIT: tl.constexpr, HAS_PADDING: tl.constexpr,
+):
+    t = tl.program_id(1)
+    bh, b, r, rows, rok, offs_d, q, Kb, pend = _last_queries(
+        Q, K, PEND, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, N, QL, H, D_QK, GROUPS, HEAD_DIM, BQ)
+    # combine the row statistics of the splits
     sp = tl.arange(0, SPLIT)
     st = (bh * SPLIT + sp[:, None]) * BQ + r[None, :]
     ms = tl.load(Mx + st)
@@ -100,48 +104,27 @@ def _combine_kernel(Mx, Lx, Mr, Ir, BQ: tl.constexpr, SPLIT: tl.constexpr):
     m_use = tl.where(m_row == float("-inf"), 0.0, m_row)
     l_row = tl.sum(ls * tl.math.exp2(ms - m_use[None, :]), 0)
     inv_l = tl.where(l_row > 0.0, 1.0 / tl.where(l_row > 0.0, l_row, 1.0), 0.0)
-    tl.store(Mr + bh * BQ + r, m_use)
-    tl.store(Ir + bh * BQ + r, inv_l)
 
-
-@triton.jit
-def _col_diag_kernel(
-    Q, K, PAD, PEND, Mr, Ir, Col, Diag,
-    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-    qk_scale, N, QL, H,
-    D_QK: tl.constexpr, GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BQ: tl.constexpr, KW: tl.constexpr,
-    TILE_O: tl.constexpr, TILES: tl.constexpr, HAS_PADDING: tl.constexpr,
-):
-    bh, b, r, rows, rok, offs_d, q, Kb, pend = _last_queries(
-        Q, K, PEND, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, N, QL, H, D_QK, GROUPS, HEAD_DIM, BQ)
-    m_use = tl.load(Mr + bh * BQ + r)
-    inv_l = tl.load(Ir + bh * BQ + r)
+    o0 = t * TILE_O
     c = tl.arange(0, KW)
+    kk = pend - o0 - KW + c  # tiles count back from the probe end (keys past it are pads: never written)
+    s = _scores(q, Kb, kk, rows, rok, N, PAD, b, stride_kn, offs_d, qk_scale, D_QK, HAS_PADDING)
+    p = tl.math.exp2(s - m_use[:, None]) * inv_l[:, None]  # [BQ, KW]; masked entries are 0
+    # columns: the last TILE_O keys of the tile
+    csum = tl.sum(p, 0)
+    out_bh = bh.to(tl.int64) * N
+    tl.store(Col + out_bh + kk, csum, mask=(c >= KW - TILE_O) & (kk >= 0))
+    # diagonals: offset o0 + j of row r sits at column KW - QL + r - j
     j = tl.arange(0, TILE_O)
-    # diagonals: offset o0 + j of row r sits at column KW - QL + r - j of a tile
     idx = KW - QL + r[:, None] - j[None, :]
     idx = tl.minimum(tl.maximum(idx, 0), KW - 1)  # only rows r >= QL (all-zero p) are clamped
-    out_bh = bh.to(tl.int64) * N
-    for i in range(TILES):
-        o0 = (tl.program_id(1) * TILES + i) * TILE_O  # a tile past N reads no key and stores nothing
-        kk = pend - o0 - KW + c  # tiles count back from the probe end (keys past it are pads: never written)
-        s = _scores(q, Kb, kk, rows, rok, N, PAD, b, stride_kn, offs_d, qk_scale, D_QK, HAS_PADDING)
-        p = tl.math.exp2(s - m_use[:, None]) * inv_l[:, None]  # [BQ, KW]; masked entries are 0
-        # columns: the last TILE_O keys of the tile
-        csum = tl.sum(p, 0)
-        tl.store(Col + out_bh + kk, csum, mask=(c >= KW - TILE_O) & (kk >= 0))
-        g = tl.gather(p, idx, 1)  # [BQ, TILE_O]
-        dsum = tl.sum(g, 0)
-        tl.store(Diag + out_bh + o0 + j, dsum, mask=(o0 + j) < N)
+    g = tl.gather(p, idx, 1)  # [BQ, TILE_O]
+    dsum = tl.sum(g, 0)
+    tl.store(Diag + out_bh + o0 + j, dsum, mask=(o0 + j) < N)
 
 
-# pass 2's tiles a program (its queries loaded once for all of them); 1 is the kernel before session 14
-TILES_PER_PROGRAM = 4
-
-
-def vertical_slash_scores(q, k, *, last_q, scale, key_padding=None, probe_end=None, num_warps=4, tiles=None):
-    """Launcher; inputs are validated by mif_compile.kernels.api. Returns fp32 (col, diag) [B, H, N].
-    ``tiles``: pass 2's tiles a program (None: TILES_PER_PROGRAM)."""
+def vertical_slash_scores(q, k, *, last_q, scale, key_padding=None, probe_end=None, num_warps=4):
+    """Launcher; inputs are validated by mif_compile.kernels.api. Returns fp32 (col, diag) [B, H, N]."""
     B, H, N, D = q.shape
     ql = min(last_q, N)
     BQ = max(16, triton.next_power_of_2(ql))
@@ -171,13 +154,9 @@ def vertical_slash_scores(q, k, *, last_q, scale, key_padding=None, probe_end=No
         D_QK=D, GROUPS=groups, HEAD_DIM=max(16, triton.next_power_of_2(D)), BQ=BQ, BK=BK, SPLIT=split, HAS_PADDING=key_padding is not None,
         num_warps=num_warps,
     )
-    m_row = torch.empty(B * H * BQ, dtype=torch.float32, device=dev)
-    inv_l = torch.empty_like(m_row)
-    _combine_kernel[(B * H,)](mx, lx, m_row, inv_l, BQ=BQ, SPLIT=split, num_warps=num_warps)
-    tiles = TILES_PER_PROGRAM if tiles is None else tiles
-    _col_diag_kernel[(B * H, math.ceil(math.ceil(N / _TILE_O) / tiles))](
-        q, k, pad, pend, m_row, inv_l, col, diag, *strides, qk_scale, N, ql, H,
-        D_QK=D, GROUPS=groups, HEAD_DIM=max(16, triton.next_power_of_2(D)), BQ=BQ, KW=KW, TILE_O=_TILE_O, TILES=tiles,
+    _col_diag_kernel[(B * H, math.ceil(N / _TILE_O))](
+        q, k, pad, pend, mx, lx, col, diag, *strides, qk_scale, N, ql, H,
+        D_QK=D, GROUPS=groups, HEAD_DIM=max(16, triton.next_power_of_2(D)), BQ=BQ, KW=KW, TILE_O=_TILE_O, SPLIT=split,
         HAS_PADDING=key_padding is not None, num_warps=num_warps,
     )
     return col, diag

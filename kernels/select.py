@@ -66,8 +66,8 @@ def prefix_sum(x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """
     n = x.shape[-1]
     xd = x.to(torch.float64)
-    if n <= chunk:
-        return xd.cumsum(-1).to(x.dtype)
+    if n <= chunk or torch.compiler.is_compiling():  # Inductor (ops.compile_index) makes its own scan kernel;
+        return xd.cumsum(-1).to(x.dtype)  # the pieces' symbolic count fails its value-range analysis
     m = -(-n // chunk)
     inner = torch.nn.functional.pad(xd, (0, m * chunk - n)).unflatten(-1, (m, chunk)).cumsum(-1)
     ends = inner[..., -1]
