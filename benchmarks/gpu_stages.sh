@@ -17,7 +17,8 @@
 #                                           # 1.0, 0.99: CPU says 15% fewer pairs at 64 (~3 min)
 #   bash benchmarks/gpu_stages.sh index     # the index's cuda tests, profile_index 128K + 1M, the op on mixed 128K-1M and
 #                                           # on random q/k at 128K (~8 min)
-#   bash benchmarks/gpu_stages.sh check     # those tests (full log), the op on mixed at 128K, profile_index --index-compile 128K
+#   bash benchmarks/gpu_stages.sh check     # those tests (full log), the op on mixed at 128K + 256K; CHECK_IC=1: profile_index
+#                                           # --index-compile at 128K
 #   bash benchmarks/gpu_stages.sh random    # random q/k at 128K + 512K, each of $MASSES (never slower)
 #   bash benchmarks/gpu_stages.sh model     # whole model, 32 layers, structured mixed, 128K + 256K, dense,
 #                                           # fixed ("vs") and $MODEL_MASSES (1.0: the default options)
@@ -96,10 +97,10 @@ case $stage in
       tests/backend/test_cuda_backend.py tests/backend/test_index_compile.py \
       -k "estimation or adaptive or selection or dense_fallback or full_budget or compile" -rf 2>&1 \
       | grep -v "Warning\|warnings.warn" > "$d/tests.log"; tail -12 "$d/tests.log"
-    timeout 70 python3 benchmarks/bench_structured.py --mixes mixed --lengths 131072 --mass 1.0 0.99 --out "$d" \
-      --tag "_check$TAG" 2>&1 | grep -v -i warn | tee "$d/mixed128.log" | tail -4
-    timeout $(( $(left) - 5 )) python3 benchmarks/profile_index.py --lengths 131072 --modes 1.0 --index-compile \
-      --out "$d" --tag "_ic$TAG" 2>&1 | grep -v -i "warn\|USDT" | tee "$d/profile_ic.log" | tail -16 ;;
+    timeout $(( $(left) - 5 )) python3 benchmarks/bench_structured.py --mixes mixed --lengths ${CHECK_LENGTHS:-131072 262144} \
+      --mass 1.0 0.99 --out "$d" --tag "_check$TAG" 2>&1 | grep -v -i warn | tee "$d/mixed_check.log" | tail -7
+    [ -n "${CHECK_IC:-}" ] && timeout $(( $(left) - 5 )) python3 benchmarks/profile_index.py --lengths 131072 --modes 1.0 \
+      --index-compile --out "$d" --tag "_ic$TAG" 2>&1 | grep -v -i "warn\|USDT" | tee "$d/profile_ic.log" | tail -16 ;;
   blockm)
     timeout $(( $(left) - 5 )) python3 benchmarks/bench_structured.py --mixes mixed --lengths $BLOCKM_LENGTHS \
       --mass 1.0 0.99 --block-m 128 64 --out "$d" --tag "_blockm$TAG" 2>&1 | grep -v -i warn | tee "$d/blockm.log" | tail -12 ;;
