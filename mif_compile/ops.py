@@ -117,10 +117,12 @@ def dense_attention(
 
 
 def _dense_backends(q: torch.Tensor):
-    """A context that gives SDPA :data:`DENSE_SDPA_PRIORITY` (CUDA tensors, outside tracing), else nothing."""
+    """A context that gives SDPA :data:`DENSE_SDPA_PRIORITY` (CUDA tensors, outside tracing), else nothing.
+    Not while a CUDA graph is captured: there SDPA keeps PyTorch's choice, whose capture (cudagraph trees,
+    ``reduce-overhead`` generate) is tested on the GPU; cuDNN's under capture is not yet."""
     import contextlib
 
-    if not (q.is_cuda and DENSE_SDPA_PRIORITY) or torch.compiler.is_compiling():
+    if not (q.is_cuda and DENSE_SDPA_PRIORITY) or torch.compiler.is_compiling() or _capturing(q):
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
