@@ -81,9 +81,9 @@ case $stage in
       --out "$d" --tag "$TAG" 2>&1 | grep -v -i "warn\|USDT" | tee "$d/profile.log" | tail -60 ;;
   index)
     # session 14's index changes: their cuda tests, the index's device time kernel by kernel (128K, 1M), the whole op
-    # on mixed 128K-1M (fixed, 1.0, 0.99) and random q/k at 128K (the dense fallback through cuDNN)
+    # on mixed 128K-1M (fixed, 1.0, 0.99) and random q/k at 128K (the dense fallback)
     timeout 170 python3 -m pytest -q -p no:cacheprovider -m cuda tests/kernels/test_cuda.py tests/backend/test_cuda_adaptive.py \
-      tests/backend/test_cuda_backend.py -k "estimation or adaptive or selection or dense_fallback or full_budget" 2>&1 \
+      tests/backend/test_cuda_backend.py -k "estimation or adaptive or selection or full_budget" 2>&1 \
       | tail -8 | tee "$d/tests.log"
     timeout 100 python3 benchmarks/profile_index.py --lengths 131072 1048576 --modes 1.0 --out "$d" --tag "$TAG" 2>&1 \
       | grep -v -i "warn\|USDT" | tee "$d/profile.log" | tail -16
@@ -95,7 +95,7 @@ case $stage in
     # the index's cuda tests (full log), the op on mixed at 128K (fixed, 1.0, 0.99) and the index compiled at 128K
     timeout 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/kernels/test_cuda.py tests/backend/test_cuda_adaptive.py \
       tests/backend/test_cuda_backend.py tests/backend/test_index_compile.py \
-      -k "estimation or adaptive or selection or dense_fallback or full_budget or compile" -rf 2>&1 \
+      -k "estimation or adaptive or selection or full_budget or compile" -rf 2>&1 \
       | grep -v "Warning\|warnings.warn" > "$d/tests.log"; tail -12 "$d/tests.log"
     timeout $(( $(left) - 5 )) python3 benchmarks/bench_structured.py --mixes mixed --lengths ${CHECK_LENGTHS:-131072 262144} \
       --mass 1.0 0.99 --out "$d" --tag "_check$TAG" 2>&1 | grep -v -i warn | tee "$d/mixed_check.log" | tail -7

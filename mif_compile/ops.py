@@ -34,15 +34,6 @@ __all__ = ["sparse_attention", "sparse_attention_backward", "dense_attention", "
 
 BLOCK_N = 64  # key granularity of every pattern (contract: docs/kernel-contract.md)
 
-# The SDPA backends the op's dense path (no padding) tries first on CUDA, in this order; the next one
-# where a backend cannot take the inputs. On an H100 (torch 2.11) PyTorch's own choice for a causal bf16
-# prefill is its flash kernel, and cuDNN's is faster (128K, 8 query / 2 kv heads: ~3 ms of ~60), so a
-# layer that falls back to dense (too little structure: max_density) costs what the fastest dense costs.
-# () leaves the choice to PyTorch (``MIF_DENSE_SDPA=default`` at import).
-DENSE_SDPA_PRIORITY: tuple[str, ...] = (
-    () if os.environ.get("MIF_DENSE_SDPA", "") == "default"
-    else ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"))
-
 
 def encode_heads(heads: Sequence[HeadPattern]) -> tuple[list[int], list[int], list[int]]:
     """HeadPatterns -> the op's (patterns, budget0, budget1) int lists."""
@@ -107,26 +98,12 @@ def dense_attention(
     """
     gqa = q.shape[1] != k.shape[1]
     if key_padding is None:
-        with _dense_backends(q):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa).contiguous()
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa).contiguous()
     B, H, N, _ = q.shape
     out = q.new_empty(B, H, N, v.shape[-1])
     for r0, r1, key_end in dense_chunks(B, N):
         out[:, :, r0:r1] = dense_rows(q, k, v, key_padding, scale, r0, r1, key_end)
     return out
-
-
-def _dense_backends(q: torch.Tensor):
-    """A context that gives SDPA :data:`DENSE_SDPA_PRIORITY` (CUDA tensors, outside tracing), else nothing.
-    Not while a CUDA graph is captured: there SDPA keeps PyTorch's choice, whose capture (cudagraph trees,
-    ``reduce-overhead`` generate) is tested on the GPU; cuDNN's under capture is not yet."""
-    import contextlib
-
-    if not (q.is_cuda and DENSE_SDPA_PRIORITY) or torch.compiler.is_compiling() or _capturing(q):
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([getattr(SDPBackend, name) for name in DENSE_SDPA_PRIORITY], set_priority=True)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -162,29 +162,3 @@ def test_op_in_cudagraph_trees_replays_new_inputs():
     report = mif_compile.last_report()
     assert len(report.rewritten) == 2 and not report.notes, report.format()
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
-
-
-@pytest.mark.parametrize("n,heads,dtype", [(1000, (4, 2), torch.bfloat16), (4097, (8, 2), torch.float16),
-                                           (777, (2, 2), torch.float32)])
-def test_dense_fallback_prefers_cudnn_and_matches_float64(n, heads, dtype):
-    """The op's dense path (below min_seq_len, or a fallback) asks SDPA for cuDNN first: the output is
-    causal attention (against float64 math) at lengths that are not a multiple of a tile, with GQA, in
-    every dtype (float32, which cuDNN does not take, goes to the next backend), as close as PyTorch's own
-    choice (DENSE_SDPA_PRIORITY = ()) is."""
-    from mif_compile import ops
-
-    h, g = heads
-    gen = torch.Generator(device="cuda").manual_seed(n)
-    q, k, v = (torch.randn(2, x, n, 128, device="cuda", generator=gen).to(dtype) for x in (h, g, g))
-    scale = 128 ** -0.5
-    want = torch.nn.functional.scaled_dot_product_attention(
-        q.double(), k.double(), v.double(), is_causal=True, scale=scale, enable_gqa=h != g)
-    old = ops.DENSE_SDPA_PRIORITY
-    try:
-        ops.DENSE_SDPA_PRIORITY = ()
-        pt = ops.dense_attention(q, k, v, None, scale)  # PyTorch's own choice of backend
-    finally:
-        ops.DENSE_SDPA_PRIORITY = old
-    out = ops.dense_attention(q, k, v, None, scale)
-    assert out.dtype == dtype and out.shape == want.shape
-    assert_close_to_ref64(out, pt, want)
