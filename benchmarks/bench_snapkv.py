@@ -24,6 +24,7 @@ reported apart. Out of memory is recorded as such (nan), never as a number. JSON
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import json
 import os
@@ -190,11 +191,7 @@ def main() -> None:
             return structured_ids(n, info, vocab, seed=n, device=device)
         return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(n)).to(device)
 
-    def sdpa_ctx():
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        return nullcontext() if tiny else sdpa_kernel([SDPBackend.CUDNN_ATTENTION])
-
+    sdpa_ctx = functools.partial(_cudnn_sdpa, tiny)
     decode_ctx = sdpa_ctx if args.decode_sdpa == "cudnn" else nullcontext
 
     runs = {}
@@ -292,13 +289,18 @@ def _full_cache_gb(cfg, n: int) -> float:
     return cfg.num_hidden_layers * 2 * n * cfg.num_key_value_heads * d * 2 / 1e9
 
 
+def _cudnn_sdpa(tiny: bool):
+    """SDPA pinned to cuDNN (the dense baseline and prefill on the GPU); nothing for the --tiny CPU run."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return nullcontext() if tiny else sdpa_kernel([SDPBackend.CUDNN_ATTENTION])
+
+
 def _per_layer_dense(model, ids, layers: int, tiny: bool, repeats: int, device):
     """(seconds x ``layers``, how): one decoder layer's dense prefill (a 1-layer model of the same
     shape, eager cuDNN SDPA, no cache), or where even that does not fit, one layer's causal SDPA alone
     (random q/k/v of the layer's shape, k/v repeated for GQA); (nan, ...) when neither fits."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    ctx = nullcontext if tiny else (lambda: sdpa_kernel([SDPBackend.CUDNN_ATTENTION]))
+    ctx = functools.partial(_cudnn_sdpa, tiny)
     cfg = model.config
     one = build_tiny(1, cfg.hidden_size) if tiny else __import__("bench_prefill").build(1)
     try:

@@ -15,10 +15,9 @@
 # (e.g. "--block-m 128 64 --variants single/0/0 pair+fold+tma/0/0").
 #   bash benchmarks/gpu_stages.sh blockm    # block_m 64 vs 128 (index and kernel), mixed, 128K + 256K, fixed,
 #                                           # 1.0, 0.99: CPU says 15% fewer pairs at 64 (~3 min)
-#   bash benchmarks/gpu_stages.sh index     # the index's cuda tests, profile_index 128K + 1M, the op on mixed 128K-1M and
-#                                           # on random q/k at 128K (~8 min)
-#   bash benchmarks/gpu_stages.sh check     # those tests (full log), the op on mixed at 128K + 256K; CHECK_IC=1: profile_index
-#                                           # --index-compile at 128K
+#   bash benchmarks/gpu_stages.sh check     # the index's cuda tests (full log), the op on mixed at $CHECK_LENGTHS (128K +
+#                                           # 256K); CHECK_IC=1: profile_index --index-compile at 128K (session 14's first
+#                                           # call ran these tests with profile, mixed and random as a stage 'index')
 #   bash benchmarks/gpu_stages.sh random    # random q/k at 128K + 512K, each of $MASSES (never slower)
 #   bash benchmarks/gpu_stages.sh model     # whole model, 32 layers, structured mixed, 128K + 256K, dense,
 #                                           # fixed ("vs") and $MODEL_MASSES (1.0: the default options)
@@ -61,6 +60,19 @@ out=${OUT:-/tmp/out}; d="$out/$stage"; mkdir -p "$d"
 T0=$SECONDS
 left() { echo $(( ${LIMIT:-570} - (SECONDS - T0) )); }
 PYK=python3; [ -n "$KERNEL" ] && PYK="python3 benchmarks/with_kernel.py $KERNEL --"  # (timeout runs no functions)
+# the whole op on `mixed` (fixed, mass 1.0 = the default, 0.99): lengths, tag, log name, more flags
+mixed_op() {
+  local lengths=$1 tag=$2 log=$3; shift 3
+  timeout $(( $(left) - 5 )) python3 benchmarks/bench_structured.py --mixes mixed --lengths $lengths --mass 1.0 0.99 "$@" \
+    --out "$d" --tag "$tag$TAG" 2>&1 | grep -v -i warn | tee "$d/$log" | tail -12
+}
+# bench_snapkv on structured mixed, kv_budget 4096, eager graphs unless KV_ARGS: lengths, tag (also the log's), more flags
+snapkv() {
+  local lengths=$1 tag=$2; shift 2
+  timeout $(( $(left) - 5 )) python3 benchmarks/bench_snapkv.py --structured mixed --lengths $lengths --budgets 4096 \
+    --decode-tokens 16 "$@" ${KV_ARGS:---no-inductor} --out "$d" --tag "$tag$TAG" 2>&1 | grep -v -i warn \
+    | tee "$d/kv$tag$TAG.log" | tail -30
+}
 python3 -m pip install -q -e . --no-deps --no-build-isolation 2>&1 | tail -3
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$d/gpu.txt"
 case $stage in
@@ -74,36 +86,21 @@ case $stage in
       --mass $MASSES --out "$d" --tag "$TAG" 2>&1 | grep -v -i warn | tee "$d/op.log" | tail -75 ;;
   mixed)
     # the whole op on `mixed` with today's kernel defaults at 128K-1M: fixed, mass 1.0 (the default) and 0.99
-    timeout $(( $(left) - 5 )) python3 benchmarks/bench_structured.py --mixes mixed --lengths ${MIXED_LENGTHS:-131072 262144 524288 1048576} \
-      --mass 1.0 0.99 --out "$d" --tag "_mixed$TAG" 2>&1 | grep -v -i warn | tee "$d/mixed.log" | tail -12 ;;
+    mixed_op "${MIXED_LENGTHS:-131072 262144 524288 1048576}" _mixed mixed.log ;;
   profile)
     timeout $(( $(left) - 5 )) python3 benchmarks/profile_index.py --lengths $PROFILE_LENGTHS --index-compile \
       --out "$d" --tag "$TAG" 2>&1 | grep -v -i "warn\|USDT" | tee "$d/profile.log" | tail -60 ;;
-  index)
-    # session 14's index changes: their cuda tests, the index's device time kernel by kernel (128K, 1M), the whole op
-    # on mixed 128K-1M (fixed, 1.0, 0.99) and random q/k at 128K (the dense fallback)
-    timeout 170 python3 -m pytest -q -p no:cacheprovider -m cuda tests/kernels/test_cuda.py tests/backend/test_cuda_adaptive.py \
-      tests/backend/test_cuda_backend.py -k "estimation or adaptive or selection or full_budget" 2>&1 \
-      | tail -8 | tee "$d/tests.log"
-    timeout 100 python3 benchmarks/profile_index.py --lengths 131072 1048576 --modes 1.0 --out "$d" --tag "$TAG" 2>&1 \
-      | grep -v -i "warn\|USDT" | tee "$d/profile.log" | tail -16
-    timeout $(( $(left) - 75 )) python3 benchmarks/bench_structured.py --mixes mixed --lengths ${MIXED_LENGTHS:-131072 262144 524288 1048576} \
-      --mass 1.0 0.99 --out "$d" --tag "_mixed$TAG" 2>&1 | grep -v -i warn | tee "$d/mixed.log" | tail -12
-    timeout $(( $(left) - 5 )) python3 benchmarks/bench_structured.py --mixes random --lengths 131072 \
-      --mass 1.0 --out "$d" --tag "_random$TAG" 2>&1 | grep -v -i warn | tee "$d/random.log" | tail -6 ;;
   check)
-    # the index's cuda tests (full log), the op on mixed at 128K (fixed, 1.0, 0.99) and the index compiled at 128K
+    # the index's cuda tests (full log), the op on mixed at $CHECK_LENGTHS; with CHECK_IC the index compiled at 128K
     timeout 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/kernels/test_cuda.py tests/backend/test_cuda_adaptive.py \
       tests/backend/test_cuda_backend.py tests/backend/test_index_compile.py \
       -k "estimation or adaptive or selection or full_budget or compile" -rf 2>&1 \
       | grep -v "Warning\|warnings.warn" > "$d/tests.log"; tail -12 "$d/tests.log"
-    timeout $(( $(left) - 5 )) python3 benchmarks/bench_structured.py --mixes mixed --lengths ${CHECK_LENGTHS:-131072 262144} \
-      --mass 1.0 0.99 --out "$d" --tag "_check$TAG" 2>&1 | grep -v -i warn | tee "$d/mixed_check.log" | tail -7
+    mixed_op "${CHECK_LENGTHS:-131072 262144}" _check mixed_check.log
     [ -n "${CHECK_IC:-}" ] && timeout $(( $(left) - 5 )) python3 benchmarks/profile_index.py --lengths 131072 --modes 1.0 \
       --index-compile --out "$d" --tag "_ic$TAG" 2>&1 | grep -v -i "warn\|USDT" | tee "$d/profile_ic.log" | tail -16 ;;
   blockm)
-    timeout $(( $(left) - 5 )) python3 benchmarks/bench_structured.py --mixes mixed --lengths $BLOCKM_LENGTHS \
-      --mass 1.0 0.99 --block-m 128 64 --out "$d" --tag "_blockm$TAG" 2>&1 | grep -v -i warn | tee "$d/blockm.log" | tail -12 ;;
+    mixed_op "$BLOCKM_LENGTHS" _blockm blockm.log --block-m 128 64 ;;
   random)
     timeout $(( $(left) - 5 )) python3 benchmarks/bench_structured.py --mixes random --lengths 131072 524288 \
       --mass $MASSES --out "$d" --tag "_random$TAG" 2>&1 | grep -v -i warn | tee "$d/random.log" | tail -12 ;;
@@ -119,19 +116,13 @@ case $stage in
     # --no-inductor: Dynamo + our op only (session 7's Inductor warm-up compile took 157 s of the step);
     # dense is eager too, and at 1M the matmuls and attention dominate either way
     # KV_ARGS="--warm-len 262144 --mass 0.99": through Inductor, warmed up past its 32-bit-index guard
-    timeout $(( $(left) - 5 )) python3 benchmarks/bench_snapkv.py --structured mixed --lengths 1048576 --budgets 4096 \
-      --skip sparse --decode-tokens 16 ${KV_ARGS:---no-inductor} --out "$d" --tag "_1m$TAG" 2>&1 | grep -v -i warn \
-      | tee "$d/kv_1m$TAG.log" | tail -30 ;;
+    snapkv 1048576 _1m --skip sparse ;;
   kv512)
-    timeout $(( $(left) - 5 )) python3 benchmarks/bench_snapkv.py --structured mixed --lengths ${KV_LENGTHS:-262144 524288} \
-      --budgets 4096 --decode-tokens 16 ${KV_ARGS:---no-inductor} --out "$d" --tag "_512k$TAG" 2>&1 | grep -v -i warn \
-      | tee "$d/kv_512k$TAG.log" | tail -30 ;;
+    snapkv "${KV_LENGTHS:-262144 524288}" _512k ;;
   kvall)
     # 256K, 512K, 1M in one run: dense from one layer x 32 (--dense-estimate), sparse with the full cache where it
     # fits (its decode is the full cache's), sparse + kv_budget=4096; eager graphs
-    timeout $(( $(left) - 5 )) python3 benchmarks/bench_snapkv.py --structured mixed --lengths ${KV_LENGTHS:-262144 524288 1048576} \
-      --budgets 4096 --decode-tokens 16 --dense-estimate ${KV_ARGS:---no-inductor} --out "$d" --tag "_all$TAG" 2>&1 \
-      | grep -v -i warn | tee "$d/kv_all$TAG.log" | tail -30 ;;
+    snapkv "${KV_LENGTHS:-262144 524288 1048576}" _all --dense-estimate ;;
   prof)
     timeout $(( $(left) - 5 )) $PYK benchmarks/profile_model.py --lengths $PROF_LENGTHS --layers 2 \
       --modes ${PROF_MODES:-default,fixed} --out "$d" --tag "$TAG" 2>&1 | grep -v -i "warn\|USDT" | tee "$d/prof.log" | tail -90 ;;

@@ -55,7 +55,7 @@ STRUCTURE_FLOOR = 0.9
 
 
 def prefix_sum(x: torch.Tensor, chunk: int = 1024, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Inclusive cumulative sum of ``x`` along its last dimension, accumulated in float64, in ``x``'s dtype.
+    """Inclusive cumulative sum of ``x`` along its last dimension, accumulated in float64, returned in ``dtype``.
 
     PyTorch's CUDA scan along the last dimension gives each row a few threads that walk it in steps of
     32 elements: over [1, 8, 128K] (the selection's shape) one call took 170 us on an H100, and three of
