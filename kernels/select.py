@@ -72,8 +72,10 @@ def prefix_sum(x: torch.Tensor, chunk: int = 1024, dtype: torch.dtype | None = N
         return xd.cumsum(-1).to(dtype)  # the pieces' symbolic count fails its value-range analysis
     m = -(-n // chunk)
     inner = torch.nn.functional.pad(xd, (0, m * chunk - n)).unflatten(-1, (m, chunk)).cumsum(-1)
-    ends = inner[..., -1]
-    inner += (ends.cumsum(-1) - ends)[..., None]  # each piece starts from the sum of the pieces before it
+    # each piece starts from the sum of the pieces before it: an exclusive scan of the pieces' sums (not
+    # the inclusive scan minus the piece's own sum, which cancels: a piece of 1e3 after one of 3 left 5e-14)
+    before = torch.nn.functional.pad(inner[..., :-1, -1].cumsum(-1), (1, 0))
+    inner += before[..., None]
     return inner.flatten(-2)[..., :n].to(dtype)
 
 
