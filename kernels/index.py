@@ -129,6 +129,85 @@ def _vs_index_kernel(
     tl.store(CC + row, ccount)
 
 
+@triton.jit
+def _vs_runs_kernel(O, VIDX, RUNID, RFIRST, RLO, NS, NR, NV, S, V, GAP, BLOCK: tl.constexpr):
+    # the prologue of one (batch * head): offsets sorted descending (-1 = unused, last) cut into runs
+    # (consecutive offsets closer than GAP = BLOCK_M + BLOCK_N share a window), walked in BLOCK pieces
+    bh = tl.program_id(0).to(tl.int64)
+    o_ptr = O + bh * S
+    i = tl.arange(0, BLOCK)
+    runs = 0
+    valid_n = 0
+    for s0 in range(0, S, BLOCK):
+        p = s0 + i
+        live = p < S
+        o = tl.load(o_ptr + p, mask=live, other=-1)
+        prev = tl.load(o_ptr + p - 1, mask=live & (p > 0), other=-1)
+        nxt = tl.load(o_ptr + p + 1, mask=(p + 1) < S, other=-1)
+        valid = o >= 0
+        first = valid & ((p == 0) | ((prev - o) >= GAP))
+        last = valid & ((nxt < 0) | ((o - nxt) >= GAP))  # the next offset is unused or starts a run
+        rid = runs + tl.cumsum(first.to(tl.int32), 0) - 1
+        tl.store(RUNID + bh * S + p, rid, mask=live)
+        tl.store(RFIRST + bh * S + rid, p, mask=first)
+        tl.store(RLO + bh * S + rid, o, mask=last)
+        runs += tl.sum(first.to(tl.int32), 0)
+        valid_n += tl.sum(valid.to(tl.int32), 0)
+    for s0 in range(0, S, BLOCK):  # slots past the last run: 0, as the torch prologue leaves them
+        p = s0 + i
+        z = tl.zeros([BLOCK], tl.int32)
+        tl.store(RFIRST + bh * S + p, z, mask=(p < S) & (p >= runs))
+        tl.store(RLO + bh * S + p, z, mask=(p < S) & (p >= runs))
+    nv = 0
+    for v0 in range(0, V, BLOCK):
+        p = v0 + i
+        c = tl.load(VIDX + bh * V + p, mask=p < V, other=-1)
+        nv += tl.sum((c >= 0).to(tl.int32), 0)
+    tl.store(NS + bh, valid_n)
+    tl.store(NR + bh, runs)
+    tl.store(NV + bh, nv)
+
+
+def vs_runs_reference(o, v_idx, *, block_m: int, block_n: int = 64):
+    """The pure-torch twin of ``_vs_runs_kernel`` (same outputs): for offsets ``o`` [B, H, S] sorted
+    descending (-1 last) and columns ``v_idx`` [B, H, V] (-1 unused), int32 (run_id [B, H, S], rfirst
+    [B, H, S], rlo [B, H, S], ns, nr, nv [B, H]): each offset's run, each run's first position and
+    smallest offset (0 past the last run), the counts of offsets, runs and columns."""
+    B, H, S = o.shape
+    valid = o >= 0
+    ns = valid.sum(-1, dtype=torch.int32)
+    gap_cut = torch.ones_like(valid)
+    gap_cut[..., 1:] = (o[..., :-1] - o[..., 1:]) >= block_m + block_n
+    first = gap_cut & valid
+    run_id = first.cumsum(-1, dtype=torch.int32) - 1
+    nr = first.sum(-1, dtype=torch.int32)
+    last = torch.ones_like(valid)
+    last[..., :-1] = first[..., 1:] | ~valid[..., 1:]
+    last &= valid
+    pos = torch.arange(S, device=o.device, dtype=torch.int32).expand(B, H, S)
+    rfirst = torch.zeros(B, H, S + 1, dtype=torch.int32, device=o.device)
+    rfirst.scatter_(-1, torch.where(first, run_id, S).long(), pos)
+    rlo = torch.zeros(B, H, S + 1, dtype=torch.int32, device=o.device)
+    rlo.scatter_(-1, torch.where(last, run_id, S).long(), o.to(torch.int32))
+    nv = (v_idx >= 0).sum(-1, dtype=torch.int32)
+    return run_id, rfirst[..., :S].contiguous(), rlo[..., :S].contiguous(), ns, nr, nv
+
+
+def vs_runs(o, v_idx, *, block_m: int, block_n: int = 64):
+    """``vs_runs_reference`` in one launch (it was ~30 small torch kernels, ~4 us of device time each)."""
+    B, H, S = o.shape
+    V = v_idx.shape[-1]
+    dev = o.device
+    o = o.to(torch.int32).contiguous()
+    v_idx = v_idx.to(torch.int32).contiguous()
+    run_id = torch.empty(B, H, S, dtype=torch.int32, device=dev)
+    rfirst, rlo = torch.empty_like(run_id), torch.empty_like(run_id)
+    ns, nr, nv = (torch.empty(B, H, dtype=torch.int32, device=dev) for _ in range(3))
+    _vs_runs_kernel[(B * H,)](o, v_idx, run_id, rfirst, rlo, ns, nr, nv, S, V, block_m + block_n,
+                              BLOCK=1024, num_warps=4)
+    return run_id, rfirst, rlo, ns, nr, nv
+
+
 def _log2_ceil(x: int) -> int:
     return max(1, math.ceil(math.log2(x + 1)))
 
@@ -139,26 +218,11 @@ def build_vs_index(v_idx, s_off, n_sink, *, seq_len, block_m, block_n=64, cap_s,
     V = v_idx.shape[-1]
     dev = s_off.device
     NM = math.ceil(seq_len / block_m)
-    # prologue on [B, H, S]: sort offsets descending, cut into runs
+    # prologue on [B, H, S]: offsets sorted descending and cut into runs; verticals ascending, INT32_MAX
+    # for unused
     o = s_off.to(torch.int32).sort(dim=-1, descending=True).values.contiguous()
-    valid = o >= 0
-    ns = valid.sum(-1, dtype=torch.int32)
-    gap_cut = torch.ones_like(valid)
-    gap_cut[..., 1:] = (o[..., :-1] - o[..., 1:]) >= block_m + block_n
-    first = gap_cut & valid
-    run_id = (first.cumsum(-1, dtype=torch.int32) - 1).contiguous()
-    nr = first.sum(-1, dtype=torch.int32)
-    last = torch.ones_like(valid)
-    last[..., :-1] = first[..., 1:] | ~valid[..., 1:]
-    last &= valid
-    pos = torch.arange(S, device=dev, dtype=torch.int32).expand(B, H, S)
-    rfirst = torch.zeros(B, H, S + 1, dtype=torch.int32, device=dev)
-    rfirst.scatter_(-1, torch.where(first, run_id, S).long(), pos)
-    rlo = torch.zeros(B, H, S + 1, dtype=torch.int32, device=dev)
-    rlo.scatter_(-1, torch.where(last, run_id, S).long(), o)
-    # verticals ascending, INT32_MAX for unused
+    run_id, rfirst, rlo, ns, nr, nv = vs_runs(o, v_idx, block_m=block_m, block_n=block_n)
     vs = torch.where(v_idx >= 0, v_idx.to(torch.int32), _INT32_MAX).sort(dim=-1).values.contiguous()
-    nv = (v_idx >= 0).sum(-1, dtype=torch.int32)
     nsink = torch.as_tensor(n_sink, device=dev).to(torch.int32).expand(H).contiguous()
     sink0 = (torch.zeros(B, dtype=torch.int32, device=dev) if sink_start is None
              else sink_start.to(device=dev, dtype=torch.int32).expand(B).contiguous())
@@ -168,7 +232,7 @@ def build_vs_index(v_idx, s_off, n_sink, *, seq_len, block_m, block_n=64, cap_s,
     bo = torch.empty(B, H, NM, cap_s, dtype=torch.int32, device=dev)
     ci = torch.empty(B, H, NM, cap_v, dtype=torch.int32, device=dev)
     _vs_index_kernel[(NM, B * H)](
-        o, run_id, rfirst[..., :S].contiguous(), rlo[..., :S].contiguous(), ns, nr, vs, nv, nsink, sink0,
+        o, run_id, rfirst, rlo, ns, nr, vs, nv, nsink, sink0,
         bc, bo, cc, ci,
         # caps and their log2 are run-time values, so a new prompt length does not compile the kernel again
         seq_len, H, NM, S, max(V, 1), cap_s, cap_v, _log2_ceil(S), _log2_ceil(cap_s),
