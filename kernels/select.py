@@ -79,6 +79,42 @@ def prefix_sum(x: torch.Tensor, chunk: int = 1024, dtype: torch.dtype | None = N
     return inner.flatten(-2)[..., :n].to(dtype)
 
 
+def column_scores_reference(col, gmax, gcum, end, sink0, *, last_q: int, n_force: int, tie: float):
+    """fp32 (score, own) [B, H, N]: each key's own mass (``own``: its column score less the mean, over
+    the offsets at which it meets the probe rows, of the envelope of the diagonal scores), and its rank
+    score (``own + tie * col``, +inf for the ``n_force`` forced keys from ``sink0`` [B], or 0).
+
+    col: fp32 [B, H, N]; gmax: fp32 [B, H, G], the envelope (each group of 64 offsets' largest diagonal
+    score); gcum: float64 [B, H, G + 1], its exclusive prefix sum; end: int [B], each row's probe end E
+    (key j meets the probe's rows at offsets [E - ql - j, E - j), ql = min(last_q, N)).
+    """
+    B, H, N = col.shape
+    G = gmax.shape[-1]
+    dev = col.device
+    E = end.to(dev, torch.int64).expand(B).view(B, 1, 1)
+    ql = min(last_q, N)
+    # the envelope summed over keys [0, t) for t = 0..N: whole groups before t's, then t % 64 keys of its own
+    r = torch.arange(GROUP, device=dev, dtype=torch.float64)
+    dsum = (gcum[..., :G, None] * GROUP + r * gmax[..., None].to(torch.float64)).flatten(-2)  # t < 64 G
+    dsum = torch.cat([dsum, gcum[..., G:] * GROUP], -1)[..., : N + 1]  # t = 64 G: every group  [B, H, N + 1]
+    j = torch.arange(N, device=dev)
+    hi = (E - j).clamp(min=0).expand(B, H, N)
+    lo = (E - ql - j).clamp(min=0).expand(B, H, N)
+    explained = ((dsum.gather(-1, hi) - dsum.gather(-1, lo)) / E.clamp(max=ql, min=1)).to(col.dtype)
+    own = (col - explained).clamp(min=0.0)
+    return force_first(own + col * tie, n_force, sink0), own
+
+
+def column_scores(col, gmax, gcum, end, sink0, *, last_q: int, n_force: int, tie: float):
+    """:func:`column_scores_reference`, in one Triton launch on CUDA tensors (``kernels/select_triton.py``),
+    except under ``torch.compile`` (``ops.compile_index``), where Inductor fuses the torch version."""
+    if col.is_cuda and not torch.compiler.is_compiling():
+        from .select_triton import column_scores as fn
+
+        return fn(col, gmax, gcum, end, sink0, last_q=last_q, n_force=n_force, tie=tie)
+    return column_scores_reference(col, gmax, gcum, end, sink0, last_q=last_q, n_force=n_force, tie=tie)
+
+
 def slash_group_count(s_count: int, n_force_s: int = 100) -> int:
     """Groups of 64 diagonals that a slash cap of ``s_count`` diagonals allows (never fewer than the
     groups of the ``n_force_s`` forced diagonals)."""
@@ -106,10 +142,9 @@ def vertical_slash_select(col, diag, v_count, s_count, mass, *, last_q: int, n_f
     G = math.ceil(N / GROUP)
     n_forced_groups = min(G, slash_group_count(n_force_s))
     ql = min(last_q, N)
-    # each row's end E (N but for right padding) and its probe's row count, [B, 1, 1]
+    # each row's end E (N but for right padding), [B, 1, 1]
     E = (torch.full((B,), N, device=dev, dtype=torch.int64) if probe_end is None
          else probe_end.to(dev, torch.int64).expand(B)).view(B, 1, 1)
-    ql_b = E.clamp(max=ql, min=1)
 
     # columns: the mass the diagonals do not explain, cost 1. Key j meets the probe rows at offsets
     # E - ql - j .. E - 1 - j; if attention depended on the offset alone, its column score would be the
@@ -117,20 +152,15 @@ def vertical_slash_select(col, diag, v_count, s_count, mass, *, last_q: int, n_f
     # by a slash or the local window carries no mass of its own, so the two are not counted twice.
     # The diagonal scores are noisy along a band (each row hits other keys there), so a band's keys have
     # spiky column scores: the explanation uses each group's largest diagonal score, an upper envelope.
-    env = torch.nn.functional.pad(diag, (0, G * GROUP - N)).view(B, H, G, GROUP).amax(-1, keepdim=True)
-    env = env.expand(B, H, G, GROUP).reshape(B, H, G * GROUP)[..., :N]
-    # dcum[t] = sum of env[:t], [B, H, N + 1], kept in float64: at 128K the difference of two float32 prefix sums
-    # has enough rounding noise to reorder about half of a head's columns (those with no mass of their own,
-    # whose excess is then noise, not 0); in float64 they rank by their column score, and the same error costs
+    gmax = torch.nn.functional.pad(diag, (0, G * GROUP - N)).view(B, H, G, GROUP).amax(-1)  # [B, H, G]
+    # the envelope's prefix sums in float64, here over groups: at 128K the difference of two float32 prefix sums
+    # over keys has enough rounding noise to reorder about half of a head's columns (those with no mass of their
+    # own, whose excess is then noise, not 0); exact, they rank by their column score, and the same error costs
     # 5% fewer pairs on `mixed` (index_quality, 128K: density 0.137 -> 0.130 at mass 1.0)
-    dcum = torch.nn.functional.pad(prefix_sum(env, dtype=torch.float64), (1, 0))
-    j = torch.arange(N, device=dev)
-    hi = (E - j).clamp(min=0).expand(B, H, N)  # [B, H, N]
-    lo = (E - ql - j).clamp(min=0).expand(B, H, N)
-    explained = ((dcum.gather(-1, hi) - dcum.gather(-1, lo)) / ql_b).to(col.dtype)
-    cm = (col - explained).clamp(min=0.0)
-    c_score = cm + col * 2.0 ** -20  # ties (no excess) broken by the column score, as MInference ranks
-    c_score = force_first(c_score, n_force_v, sink_start)
+    # (one scan up to 1M keys: PyTorch's scan over a row of G <= 16384 takes a few us, its pieces more launches)
+    gcum = torch.nn.functional.pad(prefix_sum(gmax, chunk=16384, dtype=torch.float64), (1, 0))  # [B, H, G + 1]
+    c_score, cm = column_scores(col, gmax, gcum, E.view(B), sink_start, last_q=last_q, n_force=n_force_v,
+                                tie=2.0 ** -20)  # ties (no excess) broken by the column score, as MInference ranks
     kc = min(N, v_max)
     c_ratio, c_idx = torch.topk(c_score, kc, dim=-1, sorted=True)  # [B, H, kc]
     c_mass = cm.gather(-1, c_idx)
@@ -139,7 +169,8 @@ def vertical_slash_select(col, diag, v_count, s_count, mass, *, last_q: int, n_f
     # slash groups: the diagonal scores less what the candidate columns put there (a vertical at key j
     # adds its mass to the offsets at which it meets the probe rows, spread evenly), so a sink or a
     # heavy key is not counted again as the far diagonals that reach it
-    c_lo, c_hi = lo.gather(-1, c_idx), hi.gather(-1, c_idx)  # [B, H, kc]
+    c_hi = (E - c_idx).clamp(min=0)  # [B, H, kc]: the offsets at which the probe rows meet column c_idx
+    c_lo = (E - ql - c_idx).clamp(min=0)
     share = torch.where(c_rank_ok, c_mass, 0.0) / (c_hi - c_lo).clamp(min=1)
     delta = torch.zeros(B, H, N + 1, device=dev, dtype=diag.dtype)
     delta.scatter_add_(-1, c_lo, -share)

@@ -28,6 +28,64 @@ def test_index_kernel_equals_reference(c):
     assert all(torch.equal(a, b) for a, b in zip(build(c, x, "triton"), build(c, x, "reference")))
 
 
+@settings(max_examples=12)
+@given(S=st.integers(1, 2100), V=st.integers(0, 40), rows=st.integers(1, 3), gap=st.sampled_from([128, 192]),
+       fill=st.floats(0.0, 1.0), spread=st.sampled_from([1, 64, 200, 5000]), seed=st.integers(0, 2**31 - 1))
+@example(S=1, V=0, rows=1, gap=192, fill=0.0, spread=1, seed=0)  # nothing to cut
+@example(S=1025, V=1, rows=2, gap=192, fill=1.0, spread=200, seed=1)  # runs across the kernel's pieces of 1024
+def test_runs_kernel_equals_its_torch_twin(S, V, rows, gap, fill, spread, seed):
+    """The index prologue's one launch (sorted offsets cut into runs, counts) equals the torch code it
+    replaced: offsets in clusters whose gaps fall on both sides of BLOCK_M + BLOCK_N, unused slots last."""
+    from mif_compile.kernels.index import vs_runs, vs_runs_reference
+
+    g = torch.Generator().manual_seed(seed)
+    o = (torch.rand(rows, 2, S, generator=g) * spread * S / 8).long() + torch.randint(0, 3, (rows, 2, S), generator=g)
+    o = torch.where(torch.rand(rows, 2, S, generator=g) < fill, o, -1)
+    o = o.sort(-1, descending=True).values.to(torch.int32)
+    v = torch.where(torch.rand(rows, 2, V, generator=g) < fill, torch.randint(0, 500, (rows, 2, V), generator=g), -1)
+    got = vs_runs(o, v, block_m=gap - 64)
+    want = vs_runs_reference(o, v, block_m=gap - 64)
+    for name, a, b in zip(("run_id", "rfirst", "rlo", "ns", "nr", "nv"), got, want):
+        assert a.dtype == torch.int32 and torch.equal(a, b), name
+
+
+@settings(max_examples=10)
+@given(N=st.integers(1, 2200), B=st.integers(1, 2), last_q=st.sampled_from([1, 64, 100]), padded=st.booleans(),
+       sink=st.booleans(), seed=st.integers(0, 2**31 - 1))
+@example(N=2048, B=1, last_q=64, padded=False, sink=False, seed=0)  # t = N reads one group past the end
+@example(N=1030, B=2, last_q=64, padded=True, sink=True, seed=1)
+def test_column_score_kernel_equals_its_torch_twin(N, B, last_q, padded, sink, seed):
+    """The selection's columns in one launch: the same float64 sums as the twin, so the same float32
+    scores and own masses, forced keys included, with right padding (a probe end before N) and a sink."""
+    from mif_compile.kernels import select
+    from mif_compile.kernels.select_triton import column_scores
+
+    g = torch.Generator().manual_seed(seed)
+    H = 3
+    col = torch.rand(B, H, N, generator=g) ** 4
+    diag = torch.rand(B, H, N, generator=g) ** 4
+    G = -(-N // 64)
+    gmax = torch.nn.functional.pad(diag, (0, G * 64 - N)).view(B, H, G, 64).amax(-1)
+    gcum = torch.nn.functional.pad(select.prefix_sum(gmax, dtype=torch.float64), (1, 0))
+    end = torch.randint(1, N + 1, (B,), generator=g) if padded else torch.full((B,), N)
+    s0 = torch.randint(0, N, (B,), generator=g) if sink else None
+    args = (col, gmax, gcum, end, s0)
+    kw = dict(last_q=last_q, n_force=30, tie=2.0 ** -20)
+    for a, b in zip(column_scores(*args, **kw), select.column_scores_reference(*args, **kw)):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
+def test_runs_cut_exactly_at_a_gap_of_block_m_plus_block_n():
+    from mif_compile.kernels.index import vs_runs
+
+    o = torch.tensor([[[2000, 2000 - 192, 2000 - 383, 900, 899, 5, -1, -1]]], dtype=torch.int32)
+    run_id, rfirst, rlo, ns, nr, nv = vs_runs(o, torch.tensor([[[3, -1, 7]]]), block_m=128)
+    assert run_id.tolist() == [[[0, 1, 1, 2, 2, 3, 3, 3]]]  # 192 apart: a new run; 191 apart: the same one
+    assert rfirst[..., :4].tolist() == [[[0, 1, 3, 5]]] and rlo[..., :4].tolist() == [[[2000, 1617, 899, 5]]]
+    assert (rfirst[..., 4:] == 0).all() and (rlo[..., 4:] == 0).all()
+    assert (ns.item(), nr.item(), nv.item()) == (6, 4, 2)
+
+
 @few
 @given(vs_case(max_n=200, max_heads=4), st.sampled_from([torch.float16, torch.float32]))
 @example(EDGE, torch.float32)
@@ -182,7 +240,7 @@ def test_compile_time_constants_do_not_depend_on_the_length(monkeypatch):
                 return self.fn[grid](*args, **kwargs)
             return launch
 
-    for mod, name in ((attention, "_sparse_attn_kernel"), (index, "_vs_index_kernel"),
+    for mod, name in ((attention, "_sparse_attn_kernel"), (index, "_vs_index_kernel"), (index, "_vs_runs_kernel"),
                       (estimate, "_row_stats_kernel"), (estimate, "_col_diag_kernel")):
         monkeypatch.setattr(mod, name, Recorder(name, getattr(mod, name)))
     H, D = 2, 16
@@ -194,7 +252,8 @@ def test_compile_time_constants_do_not_depend_on_the_length(monkeypatch):
         idx = K.build_vs_index(v_idx, s_off, torch.zeros(H, dtype=torch.int64), seq_len=n, block_m=128,
                                cap_s=K.max_blocks_per_row(n), cap_v=30, impl="triton")
         K.sparse_attention(q, k, v, idx, scale=D ** -0.5, block_m=128, impl="triton")
-    assert sorted(seen) == ["_col_diag_kernel", "_row_stats_kernel", "_sparse_attn_kernel", "_vs_index_kernel"]
+    assert sorted(seen) == ["_col_diag_kernel", "_row_stats_kernel", "_sparse_attn_kernel", "_vs_index_kernel",
+                            "_vs_runs_kernel"]
     for name, calls in seen.items():
         assert len(calls) == 2 and calls[0] == calls[1], (name, calls)
 
