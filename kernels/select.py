@@ -185,7 +185,29 @@ def vertical_slash_select(col, diag, v_count, s_count, mass, *, last_q: int, n_f
     g_ratio[..., :n_forced_groups] = float("inf")
     kg = min(G, slash_group_count(s_max, n_force_s))
     g_ratio, g_idx = torch.topk(g_ratio, kg, dim=-1, sorted=True)  # [B, H, kg]
-    g_cap = torch.clamp(_groups_of(s_count.to(dev)), min=n_forced_groups)
+    scum = torch.nn.functional.pad(prefix_sum(slash), (1, 0))  # [B, H, N + 1]
+    return keep_candidates(c_ratio, c_idx, cm, g_ratio, g_idx, scum, v_count.to(dev), s_count.to(dev), mass.to(dev),
+                           E.view(B), n_forced_groups=n_forced_groups)
+
+
+def keep_candidates_reference(c_ratio, c_idx, cm, g_ratio, g_idx, scum, v_count, s_count, mass, end, *,
+                              n_forced_groups: int):
+    """The selection's last step: which candidates a head keeps, as (v_idx [B, H, kc], s_off
+    [B, H, kg * 64]) int32 (-1 unused) and its fp32 ``share`` [B, H] (see :func:`vertical_slash_select`).
+
+    c_ratio, c_idx: the top kc column scores and keys [B, H, kc] (sorted); cm: fp32 [B, H, N], each key's
+    own mass; g_ratio, g_idx: the top kg slash groups by mass per cost [B, H, kg]; scum: fp32 [B, H, N + 1],
+    the prefix sums of the slash scores (less the columns' share); v_count, s_count: int64 [H] caps; mass:
+    fp32 [H] targets; end: int [B], each row's probe end E. Sums over candidates accumulate in float64.
+    """
+    B, H, kc = c_idx.shape
+    kg = g_idx.shape[-1]
+    N = cm.shape[-1]
+    dev = cm.device
+    E = end.to(dev, torch.int64).expand(B).view(B, 1, 1)
+    c_mass = cm.gather(-1, c_idx)
+    c_rank_ok = torch.arange(kc, device=dev)[None, :] < v_count[:, None]  # [H, kc]
+    g_cap = torch.clamp(_groups_of(s_count), min=n_forced_groups)
     g_rank_ok = torch.arange(kg, device=dev)[None, :] < g_cap[:, None]  # [H, kg]
 
     # one ordering per head: forced first, then mass per unit of cost; keep until the target is met
@@ -208,14 +230,14 @@ def vertical_slash_select(col, diag, v_count, s_count, mass, *, last_q: int, n_f
     R = min(R_ROWS, N)
     pk = ((torch.arange(1, R + 1, device=dev) * E) // R - 1)[:, :, None, :]  # [B, 1, 1, R]
     c_mass_r = torch.where(c_rank_ok[..., None] & (c_idx[..., None] <= pk), c_mass[..., None], 0.0)  # [B, H, kc, R]
-    scum = torch.nn.functional.pad(prefix_sum(slash), (1, 0))  # [B, H, N + 1]
     g_lo = g_idx * GROUP
     a = torch.minimum(g_lo[..., None], pk + 1).flatten(-2)
     b = torch.minimum((g_lo + GROUP).clamp(max=N)[..., None], pk + 1).flatten(-2)
     g_mass_r = (scum.gather(-1, b) - scum.gather(-1, a)).view(B, H, kg, R).clamp(min=0.0)
     g_mass_r = torch.where(g_rank_ok[..., None], g_mass_r, 0.0)
-    total = scum.gather(-1, (pk[:, :, 0] + 1).expand(B, H, R)) + c_mass_r.sum(-2)  # [B, H, R]: all the mass
-    # these rows can reach. A position whose rows reach almost none of the probe's mass (its structure lies
+    # [B, H, R]: all the mass these rows can reach.
+    total = scum.gather(-1, (pk[:, :, 0] + 1).expand(B, H, R)) + c_mass_r.sum(-2, dtype=torch.float64).to(torch.float32)
+    # A position whose rows reach almost none of the probe's mass (its structure lies
     # beyond them, e.g. a distant diagonal) gets no estimate from the probe, only its noise: it is not held
     # to the target (else low-mass groups are kept to cover a share of that noise)
     live = total >= R_FLOOR * total[..., -1:]  # the probe's own position is live whenever it has mass
@@ -229,7 +251,7 @@ def vertical_slash_select(col, diag, v_count, s_count, mass, *, last_q: int, n_f
     everything = mass.to(dev)[None, :, None] >= 1.0  # mass 1: every candidate within the caps
     need = ((before < target[..., None, :]) & (m_sorted > 0)).any(-1)
     keep_sorted = need | (everything & (ratio.gather(-1, order) > float("-inf"))) | forced.gather(-1, order)
-    kept_r = (keep_sorted[..., None] * m_sorted).sum(-2)  # [B, H, R]
+    kept_r = (keep_sorted[..., None] * m_sorted).sum(-2, dtype=torch.float64).to(torch.float32)  # [B, H, R]
     # the kept share of the estimated mass, at the position where it is lowest (1 where rows reach none)
     share = torch.where(total > 0, kept_r / total.clamp(min=1e-30), 1.0).amin(-1).clamp(max=1.0)  # [B, H]
     keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
@@ -240,6 +262,16 @@ def vertical_slash_select(col, diag, v_count, s_count, mass, *, last_q: int, n_f
     s_off = torch.where(keep_g[..., None] & (offs < N), offs, -1).flatten(-2).to(torch.int32)
     return v_idx, s_off, share
 
+
+def keep_candidates(c_ratio, c_idx, cm, g_ratio, g_idx, scum, v_count, s_count, mass, end, *, n_forced_groups: int):
+    """:func:`keep_candidates_reference`, in one Triton launch on CUDA tensors (``kernels/select_triton.py``),
+    except under ``torch.compile`` (``ops.compile_index``)."""
+    args = (c_ratio, c_idx, cm, g_ratio, g_idx, scum, v_count, s_count, mass, end)
+    if cm.is_cuda and not torch.compiler.is_compiling():
+        from .select_triton import keep_candidates as fn
+
+        return fn(*args, n_forced_groups=n_forced_groups)
+    return keep_candidates_reference(*args, n_forced_groups=n_forced_groups)
 
 def target_outcome(share: torch.Tensor, mass: torch.Tensor):
     """bool (reached, selected) [B, H] from the ``share`` of :func:`vertical_slash_select`: the target

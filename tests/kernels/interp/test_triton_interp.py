@@ -75,6 +75,41 @@ def test_column_score_kernel_equals_its_torch_twin(N, B, last_q, padded, sink, s
         assert a.dtype == torch.float32 and torch.equal(a, b)
 
 
+@settings(max_examples=8)
+@given(N=st.integers(1, 3000), B=st.integers(1, 2), v_max=st.integers(1, 70), s_max=st.integers(1, 700),
+       padded=st.booleans(), sink=st.booleans(), seed=st.integers(0, 2**31 - 1))
+@example(N=4096, B=1, v_max=60, s_max=300, padded=False, sink=False, seed=0)
+@example(N=2500, B=2, v_max=64, s_max=640, padded=True, sink=True, seed=1)
+def test_selection_with_its_kernels_equals_the_torch_selection(N, B, v_max, s_max, padded, sink, seed):
+    """The whole adaptive selection with its two Triton kernels (the columns' own mass; which candidates
+    to keep) against the pure-torch selection: the same columns and offsets, the share within an ulp;
+    targets below, at and of 1, a head with target 0, caps below the largest, right padding, a sink."""
+    from mif_compile.kernels import select, select_triton
+
+    g = torch.Generator().manual_seed(seed)
+    H = 4
+    # noise, a local window, a few slashes of random weight and a few heavy keys: the targets are met part way
+    col = torch.rand(B, H, N, generator=g) ** 8 * 1e-2
+    diag = torch.rand(B, H, N, generator=g) ** 8 * 1e-2
+    diag[..., : min(N, 3)] += 2.0
+    for o in torch.randint(0, N, (6,), generator=g).tolist():
+        diag[..., o: o + 20] += torch.rand(B, H, 1, generator=g)
+    col[..., torch.randint(0, N, (5,), generator=g)] += torch.rand(B, H, 5, generator=g)
+    v_count = torch.tensor([v_max, max(1, v_max // 2), v_max, 0])
+    s_count = torch.tensor([s_max, s_max, max(1, s_max // 3), 1])
+    mass = torch.tensor([0.9, 1.0, 0.0, 0.99])
+    kw = dict(last_q=64, v_max=v_max, s_max=s_max,
+              sink_start=torch.randint(0, N, (B,), generator=g) if sink else None,
+              probe_end=torch.randint(1, N + 1, (B,), generator=g) if padded else None)
+    want = select.vertical_slash_select(col, diag, v_count, s_count, mass, **kw)
+    with pytest.MonkeyPatch.context() as mp:  # what a CUDA tensor gets
+        mp.setattr(select, "column_scores", select_triton.column_scores)
+        mp.setattr(select, "keep_candidates", select_triton.keep_candidates)
+        got = select.vertical_slash_select(col, diag, v_count, s_count, mass, **kw)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[2], want[2], rtol=0, atol=2.5e-7)
+
+
 def test_runs_cut_exactly_at_a_gap_of_block_m_plus_block_n():
     from mif_compile.kernels.index import vs_runs
 
