@@ -221,7 +221,10 @@ def build_vs_index(v_idx, s_off, n_sink, *, seq_len, block_m, block_n=64, cap_s,
     # prologue on [B, H, S]: offsets sorted descending and cut into runs; verticals ascending, INT32_MAX
     # for unused
     o = s_off.to(torch.int32).sort(dim=-1, descending=True).values.contiguous()
-    run_id, rfirst, rlo, ns, nr, nv = vs_runs(o, v_idx, block_m=block_m, block_n=block_n)
+    from .fallback import run
+
+    run_id, rfirst, rlo, ns, nr, nv = run("_vs_runs_kernel", (), vs_runs, vs_runs_reference, o, v_idx,
+                                          block_m=block_m, block_n=block_n)
     vs = torch.where(v_idx >= 0, v_idx.to(torch.int32), _INT32_MAX).sort(dim=-1).values.contiguous()
     nsink = torch.as_tensor(n_sink, device=dev).to(torch.int32).expand(H).contiguous()
     sink0 = (torch.zeros(B, dtype=torch.int32, device=dev) if sink_start is None

@@ -108,11 +108,13 @@ def column_scores_reference(col, gmax, gcum, end, sink0, *, last_q: int, n_force
 def column_scores(col, gmax, gcum, end, sink0, *, last_q: int, n_force: int, tie: float):
     """:func:`column_scores_reference`, in one Triton launch on CUDA tensors (``kernels/select_triton.py``),
     except under ``torch.compile`` (``ops.compile_index``), where Inductor fuses the torch version."""
+    args, kw = (col, gmax, gcum, end, sink0), dict(last_q=last_q, n_force=n_force, tie=tie)
     if col.is_cuda and not torch.compiler.is_compiling():
+        from . import fallback
         from .select_triton import column_scores as fn
 
-        return fn(col, gmax, gcum, end, sink0, last_q=last_q, n_force=n_force, tie=tie)
-    return column_scores_reference(col, gmax, gcum, end, sink0, last_q=last_q, n_force=n_force, tie=tie)
+        return fallback.run("_col_score_kernel", sink0 is not None, fn, column_scores_reference, *args, **kw)
+    return column_scores_reference(*args, **kw)
 
 
 def slash_group_count(s_count: int, n_force_s: int = 100) -> int:
@@ -268,9 +270,11 @@ def keep_candidates(c_ratio, c_idx, cm, g_ratio, g_idx, scum, v_count, s_count, 
     except under ``torch.compile`` (``ops.compile_index``)."""
     args = (c_ratio, c_idx, cm, g_ratio, g_idx, scum, v_count, s_count, mass, end)
     if cm.is_cuda and not torch.compiler.is_compiling():
+        from . import fallback
         from .select_triton import keep_candidates as fn
 
-        return fn(*args, n_forced_groups=n_forced_groups)
+        kp = 1 << (c_idx.shape[-1] + g_idx.shape[-1] - 1).bit_length()  # its constexpr: candidates, a power of 2
+        return fallback.run("_keep_kernel", kp, fn, keep_candidates_reference, *args, n_forced_groups=n_forced_groups)
     return keep_candidates_reference(*args, n_forced_groups=n_forced_groups)
 
 def target_outcome(share: torch.Tensor, mass: torch.Tensor):

@@ -61,3 +61,30 @@ def test_selection_on_the_gpu_equals_the_cpu():
         for h in range(a.shape[1]):
             sa, sb = set(a[0, h].cpu().tolist()) - {-1}, set(b[0, h].tolist()) - {-1}
             assert len(sa ^ sb) <= 0.01 * max(1, len(sa | sb)), (h, len(sa ^ sb), len(sa | sb))
+
+
+@pytest.mark.parametrize("n", [131072, 20000])
+def test_index_kernels_on_the_gpu_equal_their_torch_twins(n, monkeypatch):
+    """The selection's two kernels and the index prologue's one, compiled on the GPU at the op's caps (1000
+    columns + 96 groups: the keep kernel sorts 2048 candidates), against their torch twins on the same GPU
+    tensors: the same columns, offsets and runs, the share within an ulp, and no kernel fell back."""
+    from mif_compile.kernels import fallback, index, select
+
+    monkeypatch.setattr(fallback, "_FAILED", {})
+    q, k, _ = _inputs(n, seed=7)
+    col, diag = K.vertical_slash_scores(q, k, last_q=64, scale=128 ** -0.5)
+    args = (col, diag, torch.tensor([1000] * 4), torch.tensor([6096, 6096, 3000, 100]),
+            torch.tensor([0.99, 1.0, 0.9, 0.95]))
+    kw = dict(last_q=64, v_max=1000, s_max=6096, sink_start=torch.tensor([5], device="cuda"),
+              probe_end=torch.tensor([n - 100], device="cuda"))
+    got = select.vertical_slash_select(*args, **kw)
+    with monkeypatch.context() as mp:
+        mp.setattr(select, "column_scores", select.column_scores_reference)
+        mp.setattr(select, "keep_candidates", select.keep_candidates_reference)
+        want = select.vertical_slash_select(*args, **kw)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[2], want[2], rtol=0, atol=2.5e-7)
+    o = got[1].sort(-1, descending=True).values
+    for a, b in zip(index.vs_runs(o, got[0], block_m=128), index.vs_runs_reference(o, got[0], block_m=128)):
+        assert torch.equal(a, b)
+    assert fallback.failures() == {}
