@@ -9,6 +9,7 @@ differently from this one's.
 
     python benchmarks/kernel_resources.py --block-m 128 64 --head-dim 128
     python benchmarks/kernel_resources.py --variants pair+fold+tma/0/0 pair+fold+tma+band+c64/0/0
+    python benchmarks/kernel_resources.py --index   # the index's small kernels (run-cutting, selection)
 """
 
 from __future__ import annotations
@@ -84,11 +85,49 @@ def resources(block_m: int, head_dim: int, pair: bool, fold: bool, tma: bool, ba
                 num_warps=num_warps or w, num_stages=num_stages or s)
 
 
+# the index's small kernels (session 15): name -> (module, pointer types, constexprs, num_warps)
+INDEX_KERNELS = {
+    "_vs_runs_kernel": ("index", dict(O="*i32", VIDX="*i32", RUNID="*i32", RFIRST="*i32", RLO="*i32", NS="*i32",
+                                      NR="*i32", NV="*i32"), dict(BLOCK=1024), 4),
+    "_col_score_kernel": ("select_triton", dict(COL="*fp32", GC="*fp64", GM="*fp32", END="*i64", SINK0="*i64",
+                                                CS="*fp32", CM="*fp32", TIE="fp32"),
+                          dict(GROUP=64, BLOCK=1024, HAS_SINK=True), 4),
+    "_keep_kernel": ("select_triton", dict(CR="*fp32", CI="*i64", CM="*fp32", GR="*fp32", GI="*i64", SCUM="*fp32",
+                                           VC="*i64", SC="*i64", MASS="*fp32", END="*i64", KEEP="*i8", VOUT="*i32",
+                                           SOUT="*i32", SHARE="*fp32", R_FLOOR="fp32"),
+                     dict(KP=2048, RP=8, GROUP=64, SB=16), 16),  # KP 2048: the op's caps, 1000 columns + 96 groups
+}
+
+
+def index_kernel_resources(name: str) -> dict:
+    """Registers, spill stack and shared memory of one of the index's small kernels, compiled for sm_90."""
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    mod, pointers, const, warps = INDEX_KERNELS[name]
+    fn = getattr(importlib.import_module(f"mif_compile.kernels.{mod}"), name)
+    names = list(inspect.signature(fn.fn).parameters)
+    sig = {n: pointers.get(n, "constexpr" if n in const else "i32") for n in names}
+    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
+    kern = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(kern.asm["cubin"])
+    try:
+        usage = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(f.name)
+    reg, stack = (int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK"))
+    return dict(regs=reg, stack_bytes=stack, shared_bytes=int(kern.metadata.shared), num_warps=warps)
+
+
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS))
     p.add_argument("--block-m", type=int, nargs="+", default=[128], choices=[64, 128])
     p.add_argument("--head-dim", type=int, nargs="+", default=[128])
+    p.add_argument("--index", action="store_true", help="the index's small kernels instead of the attention kernel")
     p.add_argument("--out", default=None, help="a JSON file")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -96,8 +135,24 @@ def main(argv=None) -> list[dict]:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 is its default
     import triton
 
-    print(f"# triton {triton.__version__}, target sm_90 (offline compile), bf16, GQA 4")
     rows = []
+    if args.index:
+        print(f"# triton {triton.__version__}, target sm_90 (offline compile), the index's kernels")
+        for name in INDEX_KERNELS:
+            row = dict(kernel=name, triton=triton.__version__)
+            try:
+                row.update(index_kernel_resources(name))
+                print(f"{name:>20}  warps {row['num_warps']}  regs {row['regs']:3d}  stack {row['stack_bytes']:5d} B  "
+                      f"shared {row['shared_bytes'] / 1024:6.1f} KB", flush=True)
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {e}"[:300]
+                print(f"{name:>20}  failed: {row['error']}", flush=True)
+            rows.append(row)
+        if args.out:
+            with open(args.out, "w") as fh:
+                json.dump(rows, fh, indent=1)
+        return rows
+    print(f"# triton {triton.__version__}, target sm_90 (offline compile), bf16, GQA 4")
     for bm in args.block_m:
         for d in args.head_dim:
             for v in args.variants:
@@ -127,7 +182,7 @@ def _in_child(args) -> list[dict]:
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "rows.json")
         cmd = [sys.executable, os.path.abspath(__file__), "--variants", *args.variants, "--block-m",
-               *map(str, args.block_m), "--head-dim", *map(str, args.head_dim), "--out", out]
+               *map(str, args.block_m), "--head-dim", *map(str, args.head_dim), "--out", out] + ["--index"] * args.index
         subprocess.run(cmd, env=env, check=True)
         with open(out) as fh:
             rows = json.load(fh)

@@ -171,6 +171,6 @@ def keep_candidates(c_ratio, c_idx, cm, g_ratio, g_idx, scum, v_count, s_count, 
         c_ratio, c_idx, cm.contiguous(), g_ratio, g_idx, scum.contiguous(), v_count.to(dev, torch.int64).contiguous(),
         s_count.to(dev, torch.int64).contiguous(), mass.to(dev, torch.float32).contiguous(), end, keep, v_idx, s_off,
         share, N, H, KC, KG, n_forced_groups, min(R_ROWS, N), R_FLOOR,
-        KP=KP, RP=R_ROWS, GROUP=GROUP, SB=16, num_warps=8,
+        KP=KP, RP=R_ROWS, GROUP=GROUP, SB=16, num_warps=16,  # 2048 candidates x 8 positions: 8 warps spill more
     )
     return v_idx, s_off, share

@@ -22,3 +22,13 @@ def test_variants_compile_offline_and_report_their_resources(tmp_path):
     assert r["pair/0/0"]["shared_bytes"] > r["single/0/0"]["shared_bytes"]
     assert r["single+tma/0/2"]["num_stages"] == 2 and r["single/0/0"]["num_warps"] == 8  # default_config(128, 64)
     assert out.exists()
+
+
+def test_the_index_kernels_compile_for_sm90_within_the_h100s_limits():
+    """The index's small kernels (run cutting, the selection's two steps) compile for a Hopper target with
+    the op's largest compile-time sizes (the keep kernel: 2048 candidates) and fit its shared memory."""
+    rows = kernel_resources.main(["--index"])
+    assert [row["kernel"] for row in rows] == list(kernel_resources.INDEX_KERNELS)
+    assert all("error" not in row for row in rows), rows
+    for row in rows:
+        assert 0 < row["regs"] <= 255 and row["shared_bytes"] <= kernel_resources.H100_SHARED
