@@ -42,6 +42,17 @@ def _cuobjdump() -> str:
     return path
 
 
+def _regs_and_stack(kern) -> tuple[int, int]:
+    """A compiled kernel's registers a thread and spill stack bytes, read from its cubin."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(kern.asm["cubin"])
+    try:
+        usage = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(f.name)
+    return tuple(int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK"))
+
+
 def resources(block_m: int, head_dim: int, pair: bool, fold: bool, tma: bool, band_tma: bool, cols, num_warps,
               num_stages, block_n: int = 64) -> dict:
     """Registers a thread, spill stack bytes and shared memory bytes of one compiled variant (sm_90)."""
@@ -74,13 +85,7 @@ def resources(block_m: int, head_dim: int, pair: bool, fold: bool, tma: bool, ba
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
     kern = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=num_warps or w, num_stages=num_stages or s))
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(kern.asm["cubin"])
-    try:
-        usage = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    finally:
-        os.unlink(f.name)
-    reg, stack = (int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK"))
+    reg, stack = _regs_and_stack(kern)
     return dict(regs=reg, stack_bytes=stack, shared_bytes=int(kern.metadata.shared),
                 num_warps=num_warps or w, num_stages=num_stages or s)
 
@@ -112,13 +117,7 @@ def index_kernel_resources(name: str) -> dict:
     sig = {n: pointers.get(n, "constexpr" if n in const else "i32") for n in names}
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
     kern = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(kern.asm["cubin"])
-    try:
-        usage = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    finally:
-        os.unlink(f.name)
-    reg, stack = (int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK"))
+    reg, stack = _regs_and_stack(kern)
     return dict(regs=reg, stack_bytes=stack, shared_bytes=int(kern.metadata.shared), num_warps=warps)
 
 
