@@ -97,7 +97,7 @@ INDEX_KERNELS = {
     "_col_score_kernel": ("select_triton", dict(COL="*fp32", GC="*fp64", GM="*fp32", END="*i64", SINK0="*i64",
                                                 CS="*fp32", CM="*fp32", TIE="fp32"),
                           dict(GROUP=64, BLOCK=1024, HAS_SINK=True), 4),
-    "_keep_kernel": ("select_triton", dict(CR="*fp32", CI="*i64", CM="*fp32", GR="*fp32", GI="*i64", SCUM="*fp32",
+    "_keep_kernel": ("select_triton", dict(CR="*fp32", CI="*i64", CMASS="*fp32", GR="*fp32", GI="*i64", SCUM="*fp32",
                                            VC="*i64", SC="*i64", MASS="*fp32", END="*i64", KEEP="*i8", VOUT="*i32",
                                            SOUT="*i32", SHARE="*fp32", R_FLOOR="fp32"),
                      dict(KP=2048, RP=8, GROUP=64, SB=16), 16),  # KP 2048: the op's caps, 1000 columns + 96 groups

@@ -9,12 +9,14 @@ compile-time constants is not a compile failure; it is raised.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 _FAILED: dict[str, str] = {}
 _RAN: set = set()
 
 
+@functools.cache  # asked at every launch
 def _compile_errors() -> tuple:
     errors = []
     try:

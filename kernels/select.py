@@ -188,26 +188,25 @@ def vertical_slash_select(col, diag, v_count, s_count, mass, *, last_q: int, n_f
     kg = min(G, slash_group_count(s_max, n_force_s))
     g_ratio, g_idx = torch.topk(g_ratio, kg, dim=-1, sorted=True)  # [B, H, kg]
     scum = torch.nn.functional.pad(prefix_sum(slash), (1, 0))  # [B, H, N + 1]
-    return keep_candidates(c_ratio, c_idx, cm, g_ratio, g_idx, scum, v_count.to(dev), s_count.to(dev), mass.to(dev),
-                           E.view(B), n_forced_groups=n_forced_groups)
+    return keep_candidates(c_ratio, c_idx, c_mass, g_ratio, g_idx, scum, v_count.to(dev), s_count.to(dev),
+                           mass.to(dev), E.view(B), n_forced_groups=n_forced_groups)
 
 
-def keep_candidates_reference(c_ratio, c_idx, cm, g_ratio, g_idx, scum, v_count, s_count, mass, end, *,
+def keep_candidates_reference(c_ratio, c_idx, c_mass, g_ratio, g_idx, scum, v_count, s_count, mass, end, *,
                               n_forced_groups: int):
     """The selection's last step: which candidates a head keeps, as (v_idx [B, H, kc], s_off
     [B, H, kg * 64]) int32 (-1 unused) and its fp32 ``share`` [B, H] (see :func:`vertical_slash_select`).
 
-    c_ratio, c_idx: the top kc column scores and keys [B, H, kc] (sorted); cm: fp32 [B, H, N], each key's
-    own mass; g_ratio, g_idx: the top kg slash groups by mass per cost [B, H, kg]; scum: fp32 [B, H, N + 1],
+    c_ratio, c_idx, c_mass: the top kc column scores, their keys and own masses [B, H, kc] (sorted);
+    g_ratio, g_idx: the top kg slash groups by mass per cost [B, H, kg]; scum: fp32 [B, H, N + 1],
     the prefix sums of the slash scores (less the columns' share); v_count, s_count: int64 [H] caps; mass:
     fp32 [H] targets; end: int [B], each row's probe end E. Sums over candidates accumulate in float64.
     """
     B, H, kc = c_idx.shape
     kg = g_idx.shape[-1]
-    N = cm.shape[-1]
-    dev = cm.device
+    N = scum.shape[-1] - 1
+    dev = scum.device
     E = end.to(dev, torch.int64).expand(B).view(B, 1, 1)
-    c_mass = cm.gather(-1, c_idx)
     c_rank_ok = torch.arange(kc, device=dev)[None, :] < v_count[:, None]  # [H, kc]
     g_cap = torch.clamp(_groups_of(s_count), min=n_forced_groups)
     g_rank_ok = torch.arange(kg, device=dev)[None, :] < g_cap[:, None]  # [H, kg]
@@ -265,17 +264,18 @@ def keep_candidates_reference(c_ratio, c_idx, cm, g_ratio, g_idx, scum, v_count,
     return v_idx, s_off, share
 
 
-def keep_candidates(c_ratio, c_idx, cm, g_ratio, g_idx, scum, v_count, s_count, mass, end, *, n_forced_groups: int):
+def keep_candidates(c_ratio, c_idx, c_mass, g_ratio, g_idx, scum, v_count, s_count, mass, end, *, n_forced_groups: int):
     """:func:`keep_candidates_reference`, in one Triton launch on CUDA tensors (``kernels/select_triton.py``),
     except under ``torch.compile`` (``ops.compile_index``)."""
-    args = (c_ratio, c_idx, cm, g_ratio, g_idx, scum, v_count, s_count, mass, end)
-    if cm.is_cuda and not torch.compiler.is_compiling():
+    args = (c_ratio, c_idx, c_mass, g_ratio, g_idx, scum, v_count, s_count, mass, end)
+    if scum.is_cuda and not torch.compiler.is_compiling():
         from . import fallback
         from .select_triton import keep_candidates as fn
 
         kp = 1 << (c_idx.shape[-1] + g_idx.shape[-1] - 1).bit_length()  # its constexpr: candidates, a power of 2
         return fallback.run("_keep_kernel", kp, fn, keep_candidates_reference, *args, n_forced_groups=n_forced_groups)
     return keep_candidates_reference(*args, n_forced_groups=n_forced_groups)
+
 
 def target_outcome(share: torch.Tensor, mass: torch.Tensor):
     """bool (reached, selected) [B, H] from the ``share`` of :func:`vertical_slash_select`: the target

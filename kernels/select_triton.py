@@ -88,7 +88,7 @@ def _candidate(k, bh, h, CR, CI, GR, GI, VC, SC, KC, KG, NFG, GROUP: tl.constexp
 
 
 @triton.jit
-def _keep_kernel(CR, CI, CM, GR, GI, SCUM, VC, SC, MASS, END, KEEP, VOUT, SOUT, SHARE,
+def _keep_kernel(CR, CI, CMASS, GR, GI, SCUM, VC, SC, MASS, END, KEEP, VOUT, SOUT, SHARE,
                  N, H, KC, KG, NFG, R, R_FLOOR,
                  KP: tl.constexpr, RP: tl.constexpr, GROUP: tl.constexpr, SB: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
@@ -112,7 +112,7 @@ def _keep_kernel(CR, CI, CM, GR, GI, SCUM, VC, SC, MASS, END, KEEP, VOUT, SOUT, 
     rr = tl.arange(0, RP)
     pk = ((rr + 1) * e) // R - 1  # [RP]
     r_live = rr < R
-    c_own = tl.load(CM + bh * N + ci_s, mask=col_s, other=0.0)
+    c_own = tl.load(CMASS + bh * KC + ks, mask=col_s, other=0.0)
     m_col = tl.where((col_s & ok_s)[:, None] & (ci_s[:, None] <= pk[None, :]), c_own[:, None], 0.0)
     g_lo = gi_s * GROUP
     lo = tl.minimum(g_lo[:, None], pk[None, :] + 1)
@@ -126,11 +126,12 @@ def _keep_kernel(CR, CI, CM, GR, GI, SCUM, VC, SC, MASS, END, KEEP, VOUT, SOUT, 
     total = reach + tl.sum(tl.where(col_s[:, None], m, 0.0).to(tl.float64), 0).to(tl.float32)
     probe = tl.sum(tl.where(rr == R - 1, total, 0.0), 0)
     total = tl.where(r_live & (total >= R_FLOOR * probe), total, 0.0)
-    mass_h = tl.zeros([KP], tl.float32) + tl.load(MASS + h)  # the head's target, one per candidate
-    target = tl.load(MASS + h) * total
+    mass_h = tl.load(MASS + h)
+    target = mass_h * total
     before = tl.cumsum(m.to(tl.float64), 0).to(tl.float32) - m
     need = tl.max(((before < target[None, :]) & (m > 0)).to(tl.int32), 1) > 0
-    keep = need | ((mass_h >= 1.0) & (r_s > float("-inf"))) | forced_s  # mass 1: every candidate within the caps
+    every = (tl.zeros([KP], tl.float32) + mass_h) >= 1.0  # mass 1: every candidate within the caps
+    keep = need | (every & (r_s > float("-inf"))) | forced_s
     kept = tl.sum(tl.where(keep[:, None], m, 0.0).to(tl.float64), 0).to(tl.float32)
     share = tl.where(total > 0, tl.math.div_rn(kept, tl.maximum(total, 1e-30)), 1.0)
     share = tl.minimum(tl.min(tl.where(r_live, share, 1.0), 0), 1.0)
@@ -151,24 +152,24 @@ def _keep_kernel(CR, CI, CM, GR, GI, SCUM, VC, SC, MASS, END, KEEP, VOUT, SOUT, 
         tl.store(SOUT + bh * KG * GROUP + gg[:, None] * GROUP + j[None, :], val, mask=live[:, None])
 
 
-def keep_candidates(c_ratio, c_idx, cm, g_ratio, g_idx, scum, v_count, s_count, mass, end, *, n_forced_groups: int):
+def keep_candidates(c_ratio, c_idx, c_mass, g_ratio, g_idx, scum, v_count, s_count, mass, end, *, n_forced_groups: int):
     """The launcher of ``select.keep_candidates_reference`` (same arguments and results; ``share`` within
     an ulp: its sums over the candidates run in another order)."""
     from .select import R_FLOOR, R_ROWS
 
     B, H, KC = c_idx.shape
     KG = g_idx.shape[-1]
-    N = cm.shape[-1]
-    dev = cm.device
+    N = scum.shape[-1] - 1
+    dev = scum.device
     KP = triton.next_power_of_2(KC + KG)
-    c_ratio, c_idx, g_ratio, g_idx = (x.contiguous() for x in (c_ratio, c_idx, g_ratio, g_idx))
+    c_ratio, c_idx, c_mass, g_ratio, g_idx = (x.contiguous() for x in (c_ratio, c_idx, c_mass, g_ratio, g_idx))
     end = end.to(dev, torch.int64).expand(B).contiguous()
     keep = torch.empty(B, H, KP, dtype=torch.int8, device=dev)
     v_idx = torch.empty(B, H, KC, dtype=torch.int32, device=dev)
     s_off = torch.empty(B, H, KG * GROUP, dtype=torch.int32, device=dev)
     share = torch.empty(B, H, dtype=torch.float32, device=dev)
     _keep_kernel[(B * H,)](
-        c_ratio, c_idx, cm.contiguous(), g_ratio, g_idx, scum.contiguous(), v_count.to(dev, torch.int64).contiguous(),
+        c_ratio, c_idx, c_mass, g_ratio, g_idx, scum.contiguous(), v_count.to(dev, torch.int64).contiguous(),
         s_count.to(dev, torch.int64).contiguous(), mass.to(dev, torch.float32).contiguous(), end, keep, v_idx, s_off,
         share, N, H, KC, KG, n_forced_groups, min(R_ROWS, N), R_FLOOR,
         KP=KP, RP=R_ROWS, GROUP=GROUP, SB=16, num_warps=16,  # 2048 candidates x 8 positions: 8 warps spill more
