@@ -33,7 +33,9 @@ def _hub_kernels_installed() -> bool:
 def test_top_level_kernels_name_from_the_repository_root():
     where = Path(_run("import kernels; print(kernels.__file__)"))
     if _hub_kernels_installed():
-        assert ROOT not in where.parents, f"{where}: our folder shadows the installed Hugging Face package"
+        # the installed distribution's own file (a virtual environment inside the checkout, e.g. .venv, is fine)
+        installed = Path(importlib.metadata.distribution("kernels").locate_file("kernels/__init__.py")).resolve()
+        assert where.resolve() == installed, f"{where}: our folder shadows the installed Hugging Face package"
     else:
         assert where == ROOT / "kernels" / "__init__.py"  # nothing to hand over: ours, as before
 
