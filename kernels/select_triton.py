@@ -7,6 +7,10 @@ index's time. Here one program covers BLOCK keys of one (batch * head). It reads
 (the largest diagonal score of each group of 64 offsets, ``gmax`` [B, H, G]) and its exclusive prefix
 sum in float64 (``gcum`` [B, H, G + 1], made once by the caller for both), so the envelope's sum over any
 key range is two loads on each side, in the same float64 operations as the twin's: the same results.
+
+Both kernels launch with ``enable_fp_fusion=False``: with fusion (triton 3.6's default on the GPU) a product
+and a sum become one fused multiply-add, rounded once where the twin rounds twice, and a ratio one ulp
+apart can reorder two candidates (the first GPU run, session 16, failed the twin test at 128K, not at 20K).
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ def column_scores(col, gmax, gcum, end, sink0, *, last_q: int, n_force: int, tie
     BLOCK = 1024
     _col_score_kernel[(B * H, triton.cdiv(N, BLOCK))](
         col, gcum.contiguous(), gmax.contiguous(), end, s0, c_score, cm, N, G, H, min(last_q, N), n_force, tie,
-        GROUP=GROUP, BLOCK=BLOCK, HAS_SINK=has_sink, num_warps=4,
+        GROUP=GROUP, BLOCK=BLOCK, HAS_SINK=has_sink, num_warps=4, enable_fp_fusion=False,
     )
     return c_score, cm
 
@@ -173,5 +177,6 @@ def keep_candidates(c_ratio, c_idx, c_mass, g_ratio, g_idx, scum, v_count, s_cou
         s_count.to(dev, torch.int64).contiguous(), mass.to(dev, torch.float32).contiguous(), end, keep, v_idx, s_off,
         share, N, H, KC, KG, n_forced_groups, min(R_ROWS, N), R_FLOOR,
         KP=KP, RP=R_ROWS, GROUP=GROUP, SB=16, num_warps=16,  # 2048 candidates x 8 positions: 8 warps spill more
+        enable_fp_fusion=False,
     )
     return v_idx, s_off, share

@@ -82,9 +82,25 @@ def test_index_kernels_on_the_gpu_equal_their_torch_twins(n, monkeypatch):
         mp.setattr(select, "column_scores", select.column_scores_reference)
         mp.setattr(select, "keep_candidates", select.keep_candidates_reference)
         want = select.vertical_slash_select(*args, **kw)
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert fallback.failures() == {}
+    for name, a, b in zip(("v_idx", "s_off"), got[:2], want[:2]):
+        assert torch.equal(a, b), _differences(name, a, b)
     torch.testing.assert_close(got[2], want[2], rtol=0, atol=2.5e-7)
     o = got[1].sort(-1, descending=True).values
-    for a, b in zip(index.vs_runs(o, got[0], block_m=128), index.vs_runs_reference(o, got[0], block_m=128)):
-        assert torch.equal(a, b)
+    for i, (a, b) in enumerate(zip(index.vs_runs(o, got[0], block_m=128),
+                                   index.vs_runs_reference(o, got[0], block_m=128))):
+        assert torch.equal(a, b), _differences(f"vs_runs output {i}", a, b)
     assert fallback.failures() == {}
+
+
+def _differences(name, a, b):
+    # per head: how many entries differ and the first few (kernel, twin) pairs, for the failure message
+    if a.shape != b.shape:
+        return f"{name}: shapes {tuple(a.shape)} vs {tuple(b.shape)}"
+    rows = []
+    for h in range(a.shape[1]):
+        d = (a[0, h] != b[0, h]).nonzero().flatten()
+        if len(d):
+            pairs = [(int(i), a[0, h, i].item(), b[0, h, i].item()) for i in d[:4].tolist()]
+            rows.append(f"head {h}: {len(d)} of {a[0, h].numel()} differ, e.g. (at, kernel, twin) {pairs}")
+    return f"{name}: " + "; ".join(rows)
