@@ -49,7 +49,7 @@ MASSES=${MASSES:-0.98 0.99 1.0}
 MODEL_MASSES=${MODEL_MASSES:-1.0}  # one mass: two did not fit a call in session 6 (session 7: 0.99)
 MODEL_BLOCK_M=${MODEL_BLOCK_M:-128}  # "128 64": each mass row at both query blocks (one more row: may not fit)
 EVAL_ARGS=${EVAL_ARGS:-}  # e.g. "--adaptive 0.99" (session 7: ours was fixed, ours_adaptive 1.0)
-TAG=${TAG:-_s15}
+TAG=${TAG:-_s16}
 BLOCKM_LENGTHS=${BLOCKM_LENGTHS:-131072 262144}
 PROFILE_LENGTHS=${PROFILE_LENGTHS:-131072 262144 1048576}
 TRAIN_S=${TRAIN_S:-480}
@@ -94,9 +94,10 @@ case $stage in
       --out "$d" --tag "$TAG" 2>&1 | grep -v -i "warn\|USDT" | tee "$d/profile.log" | tail -60 ;;
   check)
     # the index's cuda tests (full log), the op on mixed at $CHECK_LENGTHS; with CHECK_IC the index compiled at 128K
-    timeout 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/kernels/test_cuda.py tests/backend/test_cuda_adaptive.py \
+    # (session 16: 150 s cut these 17 tests after 13, and a failure's message with them: 240 s, the twin test first)
+    timeout 240 python3 -m pytest -q -p no:cacheprovider -m cuda tests/backend/test_cuda_adaptive.py tests/kernels/test_cuda.py \
       tests/backend/test_cuda_backend.py tests/backend/test_index_compile.py \
-      -k "estimation or adaptive or selection or full_budget or compile" -rf 2>&1 \
+      -k "estimation or adaptive or selection or full_budget or compile" -rf --tb=short 2>&1 \
       | grep -v "Warning\|warnings.warn" > "$d/tests.log"; tail -12 "$d/tests.log"
     mixed_op "${CHECK_LENGTHS:-131072 262144}" _check mixed_check.log
     [ -n "${CHECK_IC:-}" ] && timeout $(( $(left) - 5 )) python3 benchmarks/profile_index.py --lengths 131072 --modes 1.0 \
