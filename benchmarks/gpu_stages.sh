@@ -94,7 +94,7 @@ case $stage in
       --out "$d" --tag "$TAG" 2>&1 | grep -v -i "warn\|USDT" | tee "$d/profile.log" | tail -60 ;;
   check)
     # the index's cuda tests (full log), the op on mixed at $CHECK_LENGTHS; with CHECK_IC the index compiled at 128K
-    # (session 16: 150 s cut these 17 tests after 13, and a failure's message with them: 240 s, the twin test first)
+    # (session 16: 150 s cut these tests after 13 of them, and a failure's message with them: 240 s, the twin test first)
     timeout 240 python3 -m pytest -q -p no:cacheprovider -m cuda tests/backend/test_cuda_adaptive.py tests/kernels/test_cuda.py \
       tests/backend/test_cuda_backend.py tests/backend/test_index_compile.py \
       -k "estimation or adaptive or selection or full_budget or compile" -rf --tb=short 2>&1 \
