@@ -84,7 +84,7 @@ def resources(block_m: int, head_dim: int, pair: bool, fold: bool, tma: bool, ba
             sig[n] = "i32"
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
     kern = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=num_warps or w, num_stages=num_stages or s))
+                          options=dict(num_warps=num_warps or w, num_stages=num_stages or s, enable_fp_fusion=True))
     reg, stack = _regs_and_stack(kern)
     return dict(regs=reg, stack_bytes=stack, shared_bytes=int(kern.metadata.shared),
                 num_warps=num_warps or w, num_stages=num_stages or s)
@@ -116,7 +116,7 @@ def index_kernel_resources(name: str) -> dict:
     names = list(inspect.signature(fn.fn).parameters)
     sig = {n: pointers.get(n, "constexpr" if n in const else "i32") for n in names}
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
-    kern = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
+    kern = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, enable_fp_fusion=False))
     reg, stack = _regs_and_stack(kern)
     return dict(regs=reg, stack_bytes=stack, shared_bytes=int(kern.metadata.shared), num_warps=warps)
 
