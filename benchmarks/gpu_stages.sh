@@ -18,6 +18,9 @@
 #   bash benchmarks/gpu_stages.sh check     # the index's cuda tests (full log), the op on mixed at $CHECK_LENGTHS (128K +
 #                                           # 256K); CHECK_IC=1: profile_index --index-compile at 128K (session 14's first
 #                                           # call ran these tests with profile, mixed and random as a stage 'index')
+#   bash benchmarks/gpu_stages.sh verify    # session 16's unrun second call (~9 min): the twin test of the selection
+#                                           # kernels (fp fusion off) with its full log, every cuda test, random q/k
+#                                           # at 128K + 512K (1.0, 0.97), the op on mixed with 0.98 / 0.995 at 128K-1M
 #   bash benchmarks/gpu_stages.sh random    # random q/k at 128K + 512K, each of $MASSES (never slower)
 #   bash benchmarks/gpu_stages.sh model     # whole model, 32 layers, structured mixed, 128K + 256K, dense,
 #                                           # fixed ("vs") and $MODEL_MASSES (1.0: the default options)
@@ -102,6 +105,14 @@ case $stage in
     mixed_op "${CHECK_LENGTHS:-131072 262144}" _check mixed_check.log
     [ -n "${CHECK_IC:-}" ] && timeout $(( $(left) - 5 )) python3 benchmarks/profile_index.py --lengths 131072 --modes 1.0 \
       --index-compile --out "$d" --tag "_ic$TAG" 2>&1 | grep -v -i "warn\|USDT" | tee "$d/profile_ic.log" | tail -16 ;;
+  verify)
+    timeout 100 python3 -m pytest -q -p no:cacheprovider -m cuda tests/backend/test_cuda_adaptive.py -k twins -rf --tb=short \
+      2>&1 | grep -v "Warning\|warnings.warn" > "$d/twins.log"; tail -12 "$d/twins.log"
+    timeout 280 python3 -m pytest -q -p no:cacheprovider -m cuda tests -rf --tb=short 2>&1 \
+      | grep -v "Warning\|warnings.warn" > "$d/tests_full.log"; tail -8 "$d/tests_full.log"
+    timeout 90 python3 benchmarks/bench_structured.py --mixes random --lengths 131072 524288 --mass 1.0 0.97 \
+      --out "$d" --tag "_random$TAG" 2>&1 | grep -v -i warn | tee "$d/random.log" | tail -6
+    OP_MASSES="0.98 0.995" mixed_op "131072 524288 1048576" _verify verify_mixed.log ;;
   blockm)
     mixed_op "$BLOCKM_LENGTHS" _blockm blockm.log --block-m 128 64 ;;
   random)
@@ -150,3 +161,6 @@ case $stage in
 esac
 echo "::: $stage done in $((SECONDS - T0)) s"
 tar czf "$out/$stage.tgz" -C "$out" "$stage"
+# the device returns at most 8 files a call: past 7 loose files, the tar alone comes back
+[ "$(find "$d" -type f | wc -l)" -gt 7 ] && rm -rf "$d"
+exit 0
