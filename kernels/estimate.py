@@ -152,7 +152,7 @@ def vertical_slash_scores(q, k, *, last_q, scale, key_padding=None, probe_end=No
     _row_stats_kernel[(B * H, split)](
         q, k, pad, pend, mx, lx, *strides, qk_scale, N, ql, H, keys_per_split,
         D_QK=D, GROUPS=groups, HEAD_DIM=max(16, triton.next_power_of_2(D)), BQ=BQ, BK=BK, SPLIT=split, HAS_PADDING=key_padding is not None,
-        num_warps=num_warps, enable_fp_fusion=True,  # as measured (triton 3.6's default; later triton's is off)
+        num_warps=num_warps, enable_fp_fusion=True,  # as measured (triton 3.6's default; triton 3.10 turns it off)
     )
     _col_diag_kernel[(B * H, math.ceil(N / _TILE_O))](
         q, k, pad, pend, mx, lx, col, diag, *strides, qk_scale, N, ql, H,

@@ -94,13 +94,15 @@ def test_index_kernels_on_the_gpu_equal_their_torch_twins(n, monkeypatch):
 
 
 def _differences(name, a, b):
-    # per head: how many entries differ and the first few (kernel, twin) pairs, for the failure message
+    # per head (batch 0; [B, H, ...] or the counts' [B, H]): how many entries differ and the first few
+    # (kernel, twin) pairs, for the failure message
     if a.shape != b.shape:
         return f"{name}: shapes {tuple(a.shape)} vs {tuple(b.shape)}"
     rows = []
     for h in range(a.shape[1]):
-        d = (a[0, h] != b[0, h]).nonzero().flatten()
+        x, y = a[0, h].reshape(-1), b[0, h].reshape(-1)
+        d = (x != y).nonzero().flatten()
         if len(d):
-            pairs = [(int(i), a[0, h, i].item(), b[0, h, i].item()) for i in d[:4].tolist()]
-            rows.append(f"head {h}: {len(d)} of {a[0, h].numel()} differ, e.g. (at, kernel, twin) {pairs}")
+            pairs = [(int(i), x[i].item(), y[i].item()) for i in d[:4].tolist()]
+            rows.append(f"head {h}: {len(d)} of {x.numel()} differ, e.g. (at, kernel, twin) {pairs}")
     return f"{name}: " + "; ".join(rows)
